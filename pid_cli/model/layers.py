@@ -1,0 +1,164 @@
+"""Building blocks shared by the patch (MMDiT) and pixel (PiT) streams.
+
+Dtype policy (see `PiDNet.to_inference_dtype`): every Linear/Conv casts its input to its
+own weight dtype, and attention runs in the dtype of its values. With fp32 weights the whole
+network is fp32. With bf16 matmul weights and fp32 norm weights, the same code reproduces
+the dtype flow upstream gets from `torch.autocast(bfloat16)` over fp32 master weights
+(spec §5): matmuls, attention and the `gate * branch` products in bf16, residual streams,
+norms, RoPE and gates in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs in its weight dtype, as autocast would."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that runs in its weight dtype, as autocast would."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 (autocast's rule for group_norm); returns fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose statistics are fp32 and whose result is rounded back to the input
+    dtype *before* the weight multiplies it (the weight's dtype then decides the output)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP of the MMDiT blocks: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    """Per-pixel MLP of the PiT blocks (exact erf GELU)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TimestepEmbedder(nn.Module):
+    """sin/cos features of t (already ×1000) with max_period 10, cos half first, then an MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # [B, half]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # [B, hidden]
+
+
+class LinearEmbedder(nn.Module):
+    """A Linear projection, optionally followed by RMSNorm (the text embedder)."""
+
+    def __init__(self, dim_in: int, dim_out: int, norm: bool = False):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out)
+        self.norm = RMSNorm(dim_out) if norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.proj(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary position embeddings. Tables are (cos, sin) pairs of shape [N, head_dim/2], fp32.
+
+
+def rope_2d(head_dim: int, grid_h: int, grid_w: int, ref_h: int | None, ref_w: int | None,
+            theta: float = 10000.0, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """2D RoPE over a grid whose positions always span [0, 16] on each axis.
+
+    With a reference grid (`ntk_aware` mode) the base is NTK-scaled per axis by
+    (grid/ref)^(d_ax/(d_ax-2)), d_ax = head_dim/2; `None` means the `original` mode.
+    Pairs alternate x, y frequencies: pair 2k uses x-frequency k, pair 2k+1 y-frequency k.
+    """
+    d_ax = head_dim // 2
+
+    def axis_theta(grid: int, ref: int | None) -> float:
+        if ref is None or d_ax <= 2:
+            return theta
+        return theta * (grid / ref) ** (d_ax / (d_ax - 2))
+
+    exponents = torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float() / head_dim
+    freqs_x = 1.0 / (axis_theta(grid_w, ref_w) ** exponents)
+    freqs_y = 1.0 / (axis_theta(grid_h, ref_h) ** exponents)
+    ys, xs = torch.meshgrid(torch.linspace(0, 16, grid_h, device=device),
+                            torch.linspace(0, 16, grid_w, device=device), indexing="ij")
+    angles_x = torch.outer(xs.reshape(-1), freqs_x)  # [N, head_dim/4]
+    angles_y = torch.outer(ys.reshape(-1), freqs_y)
+    angles = torch.stack([angles_x, angles_y], dim=-1).reshape(grid_h * grid_w, -1)  # [N, head_dim/2]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rope_1d(head_dim: int, length: int, theta: float = 10000.0,
+            device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Plain 1D RoPE over integer positions (the text stream)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.arange(length, device=device).float()[:, None] * freqs[None]  # [N, head_dim/2]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Rotate consecutive pairs of x [B, N, heads, head_dim] in fp32; returns fp32."""
+    if rope is None:
+        return x
+    cos, sin = (r[None, :, None, :] for r in rope)  # [1, N, 1, head_dim/2]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA over [B, N, heads, head_dim] inputs in the dtype of v; returns [B, N, heads·head_dim]."""
+    q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)

@@ -1,0 +1,308 @@
+"""PiDNet: PixelDiT (MMDiT patch blocks + per-pixel PiT blocks) with the latent branch.
+
+Parameter names and shapes are exactly upstream's (without the `net.` prefix), so the
+released `model_ema_bf16.pth` files load without conversion. Spec: PID_SPEC.md §3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pid_cli.model.layers import (
+    GeluMLP,
+    Linear,
+    LinearEmbedder,
+    RMSNorm,
+    SwiGLU,
+    TimestepEmbedder,
+    apply_rope,
+    attention,
+    modulate,
+    rope_1d,
+    rope_2d,
+)
+from pid_cli.model.lq import LQProjection, SigmaGate
+
+Rope = tuple[Tensor, Tensor] | None
+
+
+class JointAttention(nn.Module):
+    """Attention over [text; image] tokens with separate projections per stream."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.qkv_x = Linear(dim, 3 * dim, bias=False)
+        self.qkv_y = Linear(dim, 3 * dim, bias=False)
+        self.q_norm_x, self.k_norm_x = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.q_norm_y, self.k_norm_y = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.proj_x = Linear(dim, dim)
+        self.proj_y = Linear(dim, dim)
+
+    def _qkv(self, proj: Linear, q_norm: RMSNorm, k_norm: RMSNorm, x: Tensor, rope: Rope):
+        q, k, v = proj(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, N, heads, head_dim]
+        return apply_rope(q_norm(q), rope), apply_rope(k_norm(k), rope), v
+
+    def forward(self, x: Tensor, y: Tensor, rope_x: Rope, rope_y: Rope, text_out: bool) -> tuple[Tensor, Tensor | None]:
+        qx, kx, vx = self._qkv(self.qkv_x, self.q_norm_x, self.k_norm_x, x, rope_x)
+        qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_y)
+        n_txt = y.shape[1]
+        if not text_out:  # only image queries are needed; text keys/values still are
+            out = attention(qx, torch.cat([ky, kx], 1), torch.cat([vy, vx], 1))
+            return self.proj_x(out), None
+        out = attention(torch.cat([qy, qx], 1), torch.cat([ky, kx], 1), torch.cat([vy, vx], 1))
+        return self.proj_x(out[:, n_txt:]), self.proj_y(out[:, :n_txt])
+
+
+class MMDiTBlock(nn.Module):
+    """Joint text/image block with per-stream adaLN (shift, scale, gate for attn and MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm_x1, self.norm_y1 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = JointAttention(dim, heads)
+        self.norm_x2, self.norm_y2 = RMSNorm(dim), RMSNorm(dim)
+        self.mlp_x = SwiGLU(dim, mlp_hidden)
+        self.mlp_y = SwiGLU(dim, mlp_hidden)
+        self.adaLN_modulation_img = nn.Sequential(Linear(dim, 6 * dim))
+        self.adaLN_modulation_txt = nn.Sequential(Linear(dim, 6 * dim))
+
+    def forward(self, s: Tensor, u: Tensor, c: Tensor, rope_x: Rope, rope_y: Rope,
+                text_out: bool = True) -> tuple[Tensor, Tensor]:
+        # s [B, L, D] image stream, u [B, T, D] text stream, c [B, 1, D] conditioning
+        shift_x, scale_x, gate_x, shift_mx, scale_mx, gate_mx = self.adaLN_modulation_img(c).chunk(6, dim=-1)
+        shift_y, scale_y, gate_y, shift_my, scale_my, gate_my = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
+        attn_x, attn_y = self.attn(modulate(self.norm_x1(s), shift_x, scale_x),
+                                   modulate(self.norm_y1(u), shift_y, scale_y), rope_x, rope_y, text_out)
+        s = s + gate_x * attn_x
+        s = s + gate_mx * self.mlp_x(modulate(self.norm_x2(s), shift_mx, scale_mx))
+        if not text_out:  # the last block's text output is never read
+            return s, u
+        u = u + gate_y * attn_y
+        u = u + gate_my * self.mlp_y(modulate(self.norm_y2(u), shift_my, scale_my))
+        return s, u
+
+
+class PixelAttention(nn.Module):
+    """Self-attention over patch tokens inside a PiT block (2D RoPE on the patch grid)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.proj = Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
+        return self.proj(attention(apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope), v))
+
+
+class PiTBlock(nn.Module):
+    """Per-pixel block: every pixel of a patch gets its own adaLN modulation from the patch's
+    conditioning vector; pixels talk across patches through one compressed token per patch."""
+
+    def __init__(self, pixel_dim: int, cond_dim: int, patch_size: int, attn_dim: int, heads: int):
+        super().__init__()
+        p2 = patch_size * patch_size
+        self.pixel_dim = pixel_dim
+        self.compress_to_attn = Linear(p2 * pixel_dim, attn_dim)
+        self.expand_from_attn = Linear(attn_dim, p2 * pixel_dim)
+        self.norm1 = RMSNorm(pixel_dim)
+        self.attn = PixelAttention(attn_dim, heads)
+        self.norm2 = RMSNorm(pixel_dim)
+        self.mlp = GeluMLP(pixel_dim, 4 * pixel_dim)
+        self.adaLN_modulation = nn.Sequential(Linear(cond_dim, 6 * pixel_dim * p2))
+
+    def forward(self, xp: Tensor, s_cond: Tensor, batch: int, rope: Rope) -> Tensor:
+        # xp [B·L, P², C] pixels, s_cond [B·L, D] one conditioning vector per patch
+        n, p2, c = xp.shape
+        mod = self.adaLN_modulation(s_cond).view(n, p2, 6 * c)  # pixel-major: [B·L, P², 6·C]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
+        tokens = self.compress_to_attn(modulate(self.norm1(xp), shift_a, scale_a).reshape(n, p2 * c))
+        tokens = self.attn(tokens.view(batch, n // batch, -1), rope)  # [B, L, attn_dim]
+        xp = xp + gate_a * self.expand_from_attn(tokens.reshape(n, -1)).view(n, p2, c)
+        return xp + gate_m * self.mlp(modulate(self.norm2(xp), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.linear = Linear(dim, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm(x))
+
+
+def pixel_sincos(dim: int, height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """Fixed 2D sin-cos embedding of full-image pixel coordinates → [H, W, dim] fp32.
+
+    Layout per pixel: [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)], ω_k = 10000^(−k/(dim/4)).
+    Computed in float64 as upstream does, then rounded to float32.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    cols = torch.arange(width, dtype=torch.float64, device=device)[:, None] * omega  # [W, dim/4]
+    rows = torch.arange(height, dtype=torch.float64, device=device)[:, None] * omega  # [H, dim/4]
+    col_part = torch.cat([cols.sin(), cols.cos()], -1)[None].expand(height, -1, -1)
+    row_part = torch.cat([rows.sin(), rows.cos()], -1)[:, None].expand(-1, width, -1)
+    return torch.cat([col_part, row_part], -1).float()
+
+
+# Upstream config fields that only matter for training; accepted and ignored.
+_TRAINING_ONLY = {"repa_encoder_index", "train_lq_proj_only", "zero_init_lq", "num_text_blocks",
+                  "lq_aux_rgb_head", "lq_aux_rgb_head_latent_block_idx", "enable_ed", "ed_compress_ratio",
+                  "ed_depth_per_stage", "ed_window_size", "ed_num_heads", "ed_hidden_size",
+                  "ed_use_token_shuffle"}
+_GATE_TYPES = {"sigma_aware_per_token_per_dim": True, "sigma_aware_per_token": False}
+
+
+class PiDNet(nn.Module):
+    """The PiD decoder network. `forward(x, t·1000, y, lq_latent, degrade_sigma)` → velocity ε − x0.
+
+    Accepts upstream's configuration field names (a resolved `PidNet` config). Training-only
+    fields are ignored; settings inference cannot honour are rejected.
+    """
+
+    def __init__(self, *, in_channels: int = 3, num_groups: int = 24, hidden_size: int = 1536,
+                 pixel_hidden_size: int = 16, pixel_attn_hidden_size: int | None = 1152,
+                 pixel_num_groups: int | None = 16, patch_depth: int = 14, pixel_depth: int = 2,
+                 patch_size: int = 16, txt_embed_dim: int = 2304, txt_max_length: int = 300,
+                 use_text_rope: bool = True, text_rope_theta: float = 10000.0, rope_mode: str = "ntk_aware",
+                 rope_ref_h: int = 1024, rope_ref_w: int = 1024, lq_inject_mode: str = "controlnet",
+                 lq_in_channels: int = 0, lq_latent_channels: int = 16, lq_hidden_dim: int = 512,
+                 lq_num_res_blocks: int = 4, lq_latent_unpatchify_factor: int = 1,
+                 lq_conv_padding_mode: str = "zeros", lq_gate_type: str = "sigma_aware_per_token_per_dim",
+                 lq_interval: int = 2, sr_scale: int = 4, latent_spatial_down_factor: int = 8,
+                 pit_lq_inject: bool = False, **training_only):
+        super().__init__()
+        _check_config(training_only, rope_mode, lq_inject_mode, lq_in_channels, lq_gate_type,
+                      lq_conv_padding_mode, pixel_hidden_size, pixel_depth)
+        ratio = sr_scale * latent_spatial_down_factor / lq_latent_unpatchify_factor / patch_size
+        if ratio <= 1:
+            raise ValueError(f"latent→patch-grid ratio {ratio:g} ≤ 1 (sr_scale·latent_spatial_down_factor/"
+                             "unpatchify/patch_size) is not a released configuration and is not supported")
+        pixel_attn_hidden_size = pixel_attn_hidden_size or hidden_size
+        pixel_num_groups = pixel_num_groups or num_groups
+
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.num_groups = num_groups
+        self.patch_size = patch_size
+        self.pixel_hidden_size = pixel_hidden_size
+        self.pixel_head_dim = pixel_attn_hidden_size // pixel_num_groups
+        self.txt_max_length = txt_max_length
+        self.use_text_rope = use_text_rope
+        self.text_rope_theta = text_rope_theta
+        ntk = rope_mode == "ntk_aware"
+        self.rope_ref_grid = (rope_ref_h // patch_size, rope_ref_w // patch_size) if ntk else (None, None)
+        self.lq_interval = lq_interval
+        self.sr_scale = sr_scale
+        self.latent_spatial_down_factor = latent_spatial_down_factor
+        self.lq_latent_channels = lq_latent_channels
+        self.lq_latent_unpatchify_factor = lq_latent_unpatchify_factor
+
+        self.pixel_embedder = LinearEmbedder(in_channels, pixel_hidden_size)
+        self.s_embedder = LinearEmbedder(in_channels * patch_size**2, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LinearEmbedder(txt_embed_dim, hidden_size, norm=True)
+        self.y_pos_embedding = nn.Parameter(torch.zeros(1, txt_max_length, hidden_size))
+        mlp_hidden = int(2 * (4 * hidden_size) / 3)  # SwiGLU keeps the parameter count of a 4× MLP
+        self.patch_blocks = nn.ModuleList(MMDiTBlock(hidden_size, num_groups, mlp_hidden)
+                                          for _ in range(patch_depth))
+        self.pixel_blocks = nn.ModuleList(
+            PiTBlock(pixel_hidden_size, hidden_size, patch_size, pixel_attn_hidden_size, pixel_num_groups)
+            for _ in range(pixel_depth))
+        self.final_layer = FinalLayer(pixel_hidden_size, in_channels)
+        per_dim = _GATE_TYPES[lq_gate_type]
+        self.lq_proj = LQProjection(
+            lq_latent_channels, lq_latent_unpatchify_factor, lq_hidden_dim, hidden_size, lq_num_res_blocks,
+            num_heads=math.ceil(patch_depth / lq_interval), gate_per_dim=per_dim,
+            padding_mode=lq_conv_padding_mode, pit_head=pit_lq_inject)
+        self.pit_lq_gate = SigmaGate(hidden_size, per_dim) if pit_lq_inject else None
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:
+        """Cast matmul/conv weights to `dtype`; keep norms, gates' log_alpha and the text
+        position table in fp32 (upstream uses them in fp32 arithmetic). bf16 here reproduces
+        upstream's fp32-weights-under-bf16-autocast flow, with half the weight memory."""
+        self.float()
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.to(dtype)
+        return self
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, lq_latent: Tensor | None,
+                degrade_sigma: Tensor) -> Tensor:
+        # x [B, 3, H, W] sample, t [B] (×1000), y [B, T, txt_dim] text, lq_latent [B, C_lat, zh, zw], σ [B]
+        b, _, height, width = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {p}")
+        gh, gw = height // p, width // p
+        n_txt = min(self.txt_max_length, y.shape[1])
+        device = x.device
+
+        patches = x.view(b, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)  # [B, L, 3·P²]
+        s = self.s_embedder(patches)  # [B, L, D]
+        t_emb = self.t_embedder(t)[:, None]  # [B, 1, D]
+        c = F.silu(t_emb)
+        u = self.y_embedder(y[:, :n_txt]) + self.y_pos_embedding[:, :n_txt]  # [B, T, D]
+
+        head_dim = self.hidden_size // self.num_groups
+        rope_x = rope_2d(head_dim, gh, gw, *self.rope_ref_grid, device=device)
+        rope_y = rope_1d(head_dim, n_txt, self.text_rope_theta, device=device) if self.use_text_rope else None
+
+        features, pit_feature = self.lq_proj(lq_latent, gh, gw) if lq_latent is not None else ([], None)
+        last = len(self.patch_blocks) - 1
+        for i, block in enumerate(self.patch_blocks):
+            k, rem = divmod(i, self.lq_interval)
+            if rem == 0 and k < len(features):
+                s = self.lq_proj.gate_modules[k](s, features[k], degrade_sigma)
+            s, u = block(s, u, c, rope_x, rope_y, text_out=i < last)
+
+        s = F.silu(t_emb + s)
+        if self.pit_lq_gate is not None and pit_feature is not None:
+            s = self.pit_lq_gate(s, pit_feature, degrade_sigma)
+        s_cond = s.reshape(b * gh * gw, -1)  # [B·L, D]
+
+        pixels = self.pixel_embedder(x.permute(0, 2, 3, 1))  # [B, H, W, C]
+        pixels = pixels + pixel_sincos(self.pixel_hidden_size, height, width, device)
+        c_pix = pixels.shape[-1]
+        xp = pixels.view(b, gh, p, gw, p, c_pix).permute(0, 1, 3, 2, 4, 5).reshape(b * gh * gw, p * p, c_pix)
+        rope_pix = rope_2d(self.pixel_head_dim, gh, gw, *self.rope_ref_grid, device=device)
+        for block in self.pixel_blocks:
+            xp = block(xp, s_cond, b, rope_pix)
+
+        out = self.final_layer(xp)  # [B·L, P², 3]
+        return out.view(b, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, height, width)
+
+
+def _check_config(training_only: dict, rope_mode: str, lq_inject_mode: str, lq_in_channels: int,
+                  lq_gate_type: str, padding_mode: str, pixel_hidden_size: int, pixel_depth: int) -> None:
+    unknown = set(training_only) - _TRAINING_ONLY
+    if unknown:
+        raise TypeError(f"PiDNet got unknown configuration field(s): {', '.join(sorted(unknown))}")
+    if training_only.get("enable_ed"):
+        raise ValueError("enable_ed=True (encoder-decoder token compression) is a training experiment that no "
+                         "released checkpoint uses; pid does not implement it")
+    if rope_mode not in ("ntk_aware", "original"):
+        raise ValueError(f"rope_mode must be 'ntk_aware' or 'original', got {rope_mode!r}")
+    if lq_inject_mode != "controlnet":
+        raise ValueError(f"lq_inject_mode must be 'controlnet' (the only released mode), got {lq_inject_mode!r}")
+    if lq_in_channels:
+        raise ValueError("lq_in_channels > 0 (an LQ RGB image branch) is not used by any released checkpoint "
+                         "and is not supported")
+    if lq_gate_type not in _GATE_TYPES:
+        raise ValueError(f"lq_gate_type must be one of {sorted(_GATE_TYPES)}, got {lq_gate_type!r}")
+    if padding_mode not in ("zeros", "replicate"):
+        raise ValueError(f"lq_conv_padding_mode must be 'zeros' or 'replicate', got {padding_mode!r}")
+    if pixel_hidden_size % 4:
+        raise ValueError(f"pixel_hidden_size must be a multiple of 4 (2D sin-cos embedding), got {pixel_hidden_size}")
+    if pixel_depth <= 0:
+        raise ValueError("pixel_depth must be > 0")

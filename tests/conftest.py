@@ -1,0 +1,29 @@
+"""Shared test helpers: paths to the bundled upstream parity fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PARITY = FIXTURES / "pid_parity"
+TINY_VARIANTS = ("v1_flux", "v1_sdxl", "v15_flux", "v15_flux2")
+
+
+def tiny_config(variant: str) -> dict:
+    return json.loads((PARITY / variant / "config.json").read_text())["tiny_net_config"]
+
+
+def tiny_fixture(variant: str) -> dict[str, torch.Tensor]:
+    """Fixture tensors as float32 (float16 inputs are exact in float32)."""
+    return {k: v.float() for k, v in load_file(PARITY / variant / "fixture.safetensors").items()}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)
+    yield
