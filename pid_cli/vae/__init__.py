@@ -1,0 +1,98 @@
+"""Image encoders of every supported backbone, as `LatentCodec`s (image ↔ normalised PiD latent).
+
+    codec = load_codec("flux1", "ae.safetensors", device="cuda")
+    latent = codec.encode(images)        # [B, 3, H, W] in [-1, 1] → [B, 16, H/8, W/8], spec §7.3
+    baseline = codec.decode(latent)      # the backbone VAE's own decode, for --compare / --color-fix
+
+Kinds: flux1 (also Z-Image), flux2 (also FLUX.2-klein), sd3, sdxl, qwenimage (also -2512). The
+registry's `vae.format` names are accepted too. RAE/DINOv2 and Scale-RAE/SigLIP are not supported
+yet: `load_codec` says so instead of half-working.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pid_cli.vae.base import LatentCodec, VAEError, load_config, read_tensors
+from pid_cli.vae.flux2 import (
+    Flux2Codec,
+    denormalize_flux2,
+    flux2_bn_stats,
+    load_flux2_state,
+    normalize_flux2,
+    patchify_flux2,
+    unpatchify_flux2,
+)
+from pid_cli.vae.kl import KLCodec, load_kl_state
+from pid_cli.vae.qwenimage import QwenImageCodec, load_qwen_state
+
+KINDS = ("flux1", "flux2", "sd3", "sdxl", "qwenimage")
+# registry `vae.format` → kind
+FORMATS = {"bfl-flux1-ae": "flux1", "bfl-flux2-ae": "flux2", "diffusers-sd3-vae": "sd3",
+           "diffusers-sdxl-vae": "sdxl", "qwenimage-vae-2d": "qwenimage"}
+UNSUPPORTED = {
+    "rae-dinov2": "the DINOv2 RAE decoder checkpoint has no diffusers/transformers loader yet",
+    "scale-rae-siglip2": "the Scale-RAE SigLIP-2 decoder checkpoint has no diffusers/transformers loader yet",
+}
+UNSUPPORTED.update({"dinov2": UNSUPPORTED["rae-dinov2"], "siglip": UNSUPPORTED["scale-rae-siglip2"]})
+
+__all__ = [
+    "FORMATS", "KINDS", "LatentCodec", "VAEError", "build_codec", "denormalize_flux2", "flux2_bn_stats",
+    "load_codec", "load_config", "normalize_flux2", "patchify_flux2", "resolve_kind", "unpatchify_flux2",
+]
+
+
+def resolve_kind(kind_or_format: str) -> str:
+    """A codec kind from a kind or a registry `vae.format` name."""
+    if kind_or_format in UNSUPPORTED:
+        raise VAEError(f"image input for {kind_or_format!r} is not supported yet: {UNSUPPORTED[kind_or_format]}. "
+                       "Decode latents for this backbone instead.")
+    kind = FORMATS.get(kind_or_format, kind_or_format)
+    if kind not in KINDS:
+        raise VAEError(f"unknown VAE kind {kind_or_format!r}; known: {', '.join(KINDS)}")
+    return kind
+
+
+def _load_model(kind: str, model_config: dict[str, Any], state: dict[str, Tensor], source: str) -> torch.nn.Module:
+    if kind == "flux2":
+        return load_flux2_state(model_config, state, source)
+    if kind == "qwenimage":
+        return load_qwen_state(model_config, state, source)
+    return load_kl_state(model_config, state, source)
+
+
+def build_codec(kind: str, state: dict[str, Tensor] | None = None, *, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None, overrides: dict[str, Any] | None = None,
+                source: str = "state dict") -> LatentCodec:
+    """A codec from a state dict (any accepted layout), or with random weights when `state` is None.
+    `overrides` change the shipped model config (tests build tiny VAEs this way)."""
+    kind = resolve_kind(kind)
+    config = load_config(kind, overrides)
+    model = _random_model(kind, config) if state is None else _load_model(kind, config["model"], state, source)
+    if kind == "flux2":
+        return Flux2Codec(config, model, device, dtype)
+    if kind == "qwenimage":
+        return QwenImageCodec(config, model, device, dtype)
+    return KLCodec(kind, config, model, device, dtype)
+
+
+def load_codec(kind: str, weights_path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None, *, overrides: dict[str, Any] | None = None) -> LatentCodec:
+    """The codec of `kind` (or registry format name) with weights from `weights_path`, loaded strictly.
+    dtype defaults to bf16 on accelerators (as upstream encodes), float32 on CPU."""
+    kind = resolve_kind(kind)
+    return build_codec(kind, read_tensors(weights_path), device=device, dtype=dtype, overrides=overrides,
+                       source=str(weights_path))
+
+
+def _random_model(kind: str, config: dict[str, Any]) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+
+    from pid_cli.vae.qwenimage import QwenImageVAE2d
+
+    cls = {"flux2": AutoencoderKLFlux2, "qwenimage": QwenImageVAE2d}.get(kind, AutoencoderKL)
+    return cls(**config["model"])
