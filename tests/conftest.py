@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# No test may reach the network: huggingface_hub reads this at import time. Tests of the download
+# code talk to their own local server and switch it off explicitly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -1,0 +1,348 @@
+"""The `pid` command line. Each command is a thin shell over the library modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pid_cli import __version__
+
+app = typer.Typer(
+    name="pid",
+    help="Decode latents (or images) to 2K/4K PNGs with NVIDIA's PiD pixel diffusion decoder.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"pid {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """PiD decoder command line."""
+
+
+@app.command()
+def embed(
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="safetensors file to write: [N, 300, 2304] plus the prompts.")],
+    prompts: Annotated[list[str] | None, typer.Argument(
+        help="Captions to embed. With none (and no --prompt-file) the empty caption is embedded: "
+             "the dropped-caption condition PiD saw in training, used when no prompt is given.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt-file", help='Also embed every prompt of this file: one per line, or a JSONL manifest '
+                              'of {"input": ..., "prompt": ...} lines.')] = None,
+    text_encoder: Annotated[Path | None, typer.Option(
+        "--text-encoder", help="Local snapshot folder of Efficient-Large-Model/gemma-2-2b-it (config.json, "
+                               "weights, tokenizer.json). Default: $PID_TEXT_ENCODER, else the copy pid "
+                               "downloaded.")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="auto, cpu, cuda or cuda:N. GPU: Gemma in bf16 (as upstream); CPU: fp32.")] = "auto",
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Reuse and fill the on-disk embedding cache.")] = True,
+) -> None:
+    """Compute Gemma-2 prompt embeddings once, for `pid decode --prompt-embeds`.
+
+    Each caption is embedded behind PiD's fixed CHI prefix. Cached prompts never load Gemma; the
+    output file (~1.4 MB per prompt in bf16) lets render nodes decode without the 5 GB text encoder.
+    """
+    from pid_cli import hub
+    from pid_cli.prompts import PromptSourceError, prompts_from_file
+    from pid_cli.text import (
+        EmbeddingCache,
+        PromptEmbedder,
+        PromptEmbedsError,
+        TextEncoder,
+        TextEncoderError,
+        resolve_text_encoder,
+        save_prompt_embeds,
+    )
+
+    try:
+        texts = list(prompts or []) + (prompts_from_file(prompt_file) if prompt_file else [])
+        texts = texts or [""]
+        encoder = TextEncoder(resolve_text_encoder(text_encoder), device=device)
+        embedder = PromptEmbedder(encoder, EmbeddingCache() if cache else None)
+        embeds = embedder.embed(texts)  # [N, 300, D]
+        save_prompt_embeds(output, texts, embeds, info=encoder.cache_namespace())
+    except (PromptSourceError, PromptEmbedsError, TextEncoderError, hub.HubError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    n = len(dict.fromkeys(texts))
+    typer.echo(f"wrote {output}: {n} prompt(s), [{n}, {embeds.shape[1]}, {embeds.shape[2]}] "
+               f"{str(embeds.dtype).removeprefix('torch.')} ({embedder.hits} from cache, "
+               f"{embedder.misses} computed)", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry and downloads: `pid download`, `pid list`, `pid convert` (library: registry.py, hub.py, convert.py)
+
+RegistryFiles = Annotated[list[Path] | None, typer.Option(
+    "--registry", help="Extra registry YAML with your own entries (repeatable; also $PID_REGISTRY, "
+                       "separated by the OS path separator).")]
+DownloadDir = Annotated[Path | None, typer.Option(
+    "--dir", help="A plain folder (<dir>/<owner>/<repo>/<path>) instead of the Hugging Face cache.")]
+
+
+def _hub_error(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def download(
+    backbone: Annotated[list[str] | None, typer.Option(
+        "--backbone", "-b", help="Backbone or alias (repeatable). Without it: every backbone that has the "
+                                 "variant.")] = None,
+    variant: Annotated[str | None, typer.Option(
+        "--variant", help="2k, 2kto4k (best 4K decoder), 2kto4k-v1 or 2kto4k-v1.5.")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="2k or 4k: picks the variant.")] = None,
+    vae: Annotated[bool, typer.Option("--vae/--no-vae", help="Also fetch the paired VAE/encoder.")] = True,
+    text_encoder: Annotated[bool, typer.Option(
+        "--text-encoder/--no-text-encoder",
+        help="Also fetch the Gemma text encoder (skip it on nodes that use exported prompt embeddings).")] = True,
+    directory: DownloadDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print the plan.")] = False,
+    registry: RegistryFiles = None,
+) -> None:
+    """Download exactly the files the chosen checkpoints need, verified against the Hub's size and SHA-256.
+
+    Uses the Hugging Face cache (HF_HOME / HF_HUB_CACHE) unless --dir is given; HF_TOKEN authenticates;
+    HF_HUB_OFFLINE=1 only checks the cache.
+    """
+    from rich.console import Console
+
+    from pid_cli import hub
+    from pid_cli.registry import RegistryError, load_registry
+
+    console = Console()
+    try:
+        if not backbone and variant is None and target is None:
+            raise RegistryError("name a --variant/--target and/or --backbone, e.g. `pid download --variant 2kto4k`")
+        entries = load_registry(registry or []).entries_for_variant(variant, target, backbone)
+        settings = hub.Settings.from_env(directory)
+        plan = hub.plan_downloads(entries, vae=vae, text_encoder=text_encoder, settings=settings)
+        console.print(hub.plan_table(plan))
+        if dry_run:
+            return
+        command = hub.download_command(entries, vae=vae, text_encoder=text_encoder, local_dir=settings.local_dir)
+        hub.run_plan(plan, settings, command=command, notice=lambda text: console.print(f"[yellow]{text}[/]"),
+                     on_done=lambda item, path: console.print(f"[green]✓[/] {item.describe()} → {path}"))
+    except (RegistryError, hub.HubError) as exc:
+        raise _hub_error(exc) from exc
+
+
+@app.command("list")
+def list_checkpoints(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON records instead of a table.")] = False,
+    directory: DownloadDir = None,
+    registry: RegistryFiles = None,
+) -> None:
+    """Show every checkpoint (backbones × variants) with its size and whether it is on disk. No network."""
+    import json
+
+    from rich.console import Console
+
+    from pid_cli import hub
+    from pid_cli.registry import RegistryError, load_registry
+
+    try:
+        reg = load_registry(registry or [])
+        records = hub.list_records(reg, hub.Settings.from_env(directory, offline=True))
+    except RegistryError as exc:
+        raise _hub_error(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(records, indent=2))
+    else:
+        Console().print(hub.list_table(reg, records))
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A released model_ema_bf16.pth.", exists=True, dir_okay=False)],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="safetensors file to write. Default: where the loader looks for it "
+                               "(pid's cache dir, or <dir>/converted with --dir).")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        "--backbone", "-b", help="Registry entry to validate against (default: guessed from the path).")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="With --backbone.")] = None,
+    directory: DownloadDir = None,
+    registry: RegistryFiles = None,
+) -> None:
+    """Convert a released pickle to safetensors (mmap-loadable, no pickle at load time).
+
+    Every key and shape is checked against the network the registry entry describes before anything is
+    written; the file is written atomically. Keys are stored without the `net.` prefix, dtypes unchanged.
+    """
+    from pid_cli import convert as conv
+    from pid_cli import hub
+    from pid_cli.registry import RegistryError, load_registry
+
+    try:
+        reg = load_registry(registry or [])
+        if backbone is not None:
+            entry = reg.resolve(backbone, variant)
+        elif variant is not None:
+            raise RegistryError("--variant needs --backbone")
+        else:
+            entry = conv.guess_entry(source, reg.entries)
+            if entry is None:
+                raise RegistryError(f"cannot tell which checkpoint {source} is from its path; pass --backbone "
+                                    "and --variant")
+        target = output or hub.converted_path(entry, directory)
+        report = conv.convert_checkpoint(source, target, entry)
+    except (RegistryError, hub.HubError, conv.ConvertError) as exc:
+        raise _hub_error(exc) from exc
+    note = f"; dropped {len(report.dropped)} training-only tensors" if report.dropped else ""
+    typer.echo(f"validated {report.num_tensors} tensors against {entry.id}{note}\n"
+               f"wrote {report.output} ({hub.format_size(report.output.stat().st_size)})")
+
+
+def _parse_devices(text: str | None) -> list:
+    import torch
+
+    from pid_cli.pipeline import resolve_device
+
+    if text is None or text == "auto":
+        return [resolve_device(None)]
+    if text == "all":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("no CUDA GPUs are visible", param_hint="--devices")
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    devices = []
+    for part in text.split(","):
+        try:
+            device = torch.device(part.strip())
+        except RuntimeError as e:
+            raise typer.BadParameter(f"{part!r} is not a device (cpu, cuda:N, all)", param_hint="--devices") from e
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and (device.index or 0) >= visible:
+            raise typer.BadParameter(f"{part} is not available on this machine", param_hint="--devices")
+        devices.append(device)
+    return devices
+
+
+def _bn_stats_loader(entry):
+    """FLUX.2's VAE batch-norm statistics, fetched and read once, only if a raw latent needs them."""
+    import functools
+
+    @functools.cache
+    def load():
+        from pid_cli import hub
+        from pid_cli.vae.flux2 import flux2_bn_stats
+
+        return flux2_bn_stats(hub.ensure_files(entry, vae=True, text_encoder=False).vae["weights"])
+
+    return load
+
+
+@app.command()
+def decode(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Latent files (.safetensors .latent .pt .pth .npy .npz), folders, globs, JSONL manifests "
+             '({"input": ..., "prompt": ..., "degrade_sigma": ..., "output": ...}) or - (paths on stdin).')],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Latent model: flux, flux2, sd3, sdxl, "
+                                          "qwenimage, dinov2, siglip or an alias (zimage, flux2-klein-4b, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("pid_out"),
+    target: Annotated[str | None, typer.Option("--target", help="2k or 4k: picks the checkpoint and checks "
+                                               "that the latents give that size.")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="Checkpoint by name: 2k, 2kto4k, "
+                                                "2kto4k-v1, 2kto4k-v1.5 (see `pid list`).")] = None,
+    registry: Annotated[list[Path] | None, typer.Option("--registry", help="Extra registry file(s) "
+                                                        "(also $PID_REGISTRY).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Output name template: {dir} {stem} {name} {index}; "
+                                      "items of a batch file get _{index} appended unless it is used.")] =
+        "{dir}/{stem}.png",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    key: Annotated[str | None, typer.Option("--key", help="Tensor name inside a multi-tensor file.")] = None,
+    latent_format: Annotated[str, typer.Option("--latent-format", help="auto, pid, packed or raw. pid: "
+                                               "normalised [B,C,h,w] (diffusers output_type='latent'); packed: "
+                                               "diffusers token sequences; raw: un-normalised VAE latents "
+                                               "(ComfyUI, FLUX.2-klein output).")] = "auto",
+    latent_size: Annotated[str | None, typer.Option("--latent-size", help="HxW latent grid of packed token "
+                                                    "sequences when the file does not say.")] = None,
+    degrade_sigma: Annotated[float | None, typer.Option("--degrade-sigma", help="Noise level of the latents "
+                                                        "(0 = clean; an LDM x_t: its scheduler sigma; SDXL: "
+                                                        "the Euler sigma). Manifest and metadata win.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Caption for all inputs. Without any prompt "
+                                               "source the empty caption is used (PiD's dropped-caption "
+                                               "condition).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="One prompt per line in input "
+                                                     "order, or a JSONL manifest.")] = None,
+    prompt_embeds: Annotated[Path | None, typer.Option("--prompt-embeds", help="Embeddings from `pid embed`: "
+                                                       "Gemma is never loaded.")] = None,
+    text_encoder: Annotated[Path | None, typer.Option("--text-encoder", help="Local Gemma-2 snapshot "
+                                                      "folder.")] = None,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Images per GPU batch, or auto (from free "
+                                            "memory).")] = "auto",
+    devices: Annotated[str | None, typer.Option("--devices", help="cpu, cuda:0, cuda:0,cuda:1 or all "
+                                                "(default: the first GPU, else the CPU).")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="K/N: decode the K-th of N partitions of the "
+                                              "sorted inputs (default from torchrun or Slurm).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Item i of an input file uses seed+i.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=4, help="Sampler steps (1-4).")] = 4,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="bf16 or fp32 (default: bf16 on GPU, fp32 on "
+                                              "CPU).")] = None,
+    bit_depth: Annotated[int, typer.Option("--bit-depth", help="8 or 16 bits per channel.")] = 8,
+    metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help="PNG text metadata.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo existing outputs.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed input.")] = False,
+    manifest_out: Annotated[Path | None, typer.Option("--manifest-out", help="Append a JSONL record per "
+                                                      "input here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Stream the JSONL records on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Decode stored latents to 2K/4K PNGs.
+
+    Exit codes: 0 all decoded or skipped, 1 some inputs failed, 2 usage or configuration error,
+    130 interrupted. Existing outputs are skipped, so rerunning a command resumes it.
+    """
+    from pid_cli import hub
+    from pid_cli.inputs import InputError, parse_shard, shard_from_env
+    from pid_cli.latents import FORMATS, parse_size
+    from pid_cli.registry import RegistryError, load_registry
+    from pid_cli.runner import EXIT_USAGE, DecodeJob, run
+
+    def usage(message: str) -> typer.Exit:
+        typer.echo(f"error: {message}", err=True)
+        return typer.Exit(EXIT_USAGE)
+
+    if latent_format not in FORMATS:
+        raise usage(f"--latent-format must be one of {', '.join(FORMATS)}")
+    if bit_depth not in (8, 16):
+        raise usage("--bit-depth must be 8 or 16")
+    if dtype not in (None, "bf16", "fp32"):
+        raise usage("--dtype must be bf16 or fp32")
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise usage("--batch-size must be a positive integer or auto")
+    try:
+        reg = load_registry(registry or [])
+        entry = reg.resolve(backbone, variant, target)
+        files = hub.ensure_files(entry, vae=False, text_encoder=False)
+        job = DecodeJob(
+            inputs=inputs, out=out, entry=entry, weights=files.weights, template=name,
+            batch_size=None if batch_size == "auto" else int(batch_size), devices=_parse_devices(devices),
+            seed=seed, steps=steps, dtype=dtype, bit_depth=bit_depth, metadata=metadata, overwrite=overwrite,
+            fail_fast=fail_fast, recursive=recursive, latent_format=latent_format, key=key,
+            latent_size=parse_size(latent_size) if latent_size else None, degrade_sigma=degrade_sigma,
+            target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,
+            prompt_embeds=prompt_embeds, text_encoder=text_encoder,
+            shard=parse_shard(shard) if shard else shard_from_env(), manifest_out=manifest_out,
+            json_stdout=json_out, quiet=quiet, bn_stats=_bn_stats_loader(entry))
+        code = run(job)
+    except (RegistryError, InputError, hub.HubError, PermissionError, ValueError) as e:
+        raise usage(str(e)) from e
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,97 @@
+"""PNG files, written so that a crash, a full disk or a second process never leaves a partial
+or doubly-written image: encode to a temporary file in the target folder, fsync, then link it
+into place (refusing an existing file) or rename it over one with `--overwrite`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+class OutputExists(FileExistsError):
+    """The output appeared while we were decoding (another process wrote it)."""
+
+
+def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_level: int = 4) -> bytes:
+    """[H, W, 3] uint8 or uint16 → PNG bytes with iTXt metadata.
+
+    Pillow cannot write 16-bit RGB, so 16-bit images go through a small writer of our own.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] image, got {list(image.shape)}")
+    if image.dtype == np.uint8:
+        info = PngInfo()
+        for k, v in (text or {}).items():
+            info.add_itxt(k, v)
+        buf = io.BytesIO()
+        Image.fromarray(image, "RGB").save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
+        return buf.getvalue()
+    if image.dtype == np.uint16:
+        return _png16(image, text or {}, compress_level)
+    raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png16(image: np.ndarray, text: dict[str, str], level: int) -> bytes:
+    h, w, _ = image.shape
+    rows = np.ascontiguousarray(image, dtype=">u2").reshape(h, w * 3).view(np.uint8)  # big-endian bytes [H, W·6]
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
+    out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))]
+    for k, v in text.items():
+        out.append(_chunk(b"iTXt", k.encode("latin-1") + b"\x00\x00\x00\x00\x00" + v.encode("utf-8")))
+    out += [_chunk(b"IDAT", zlib.compress(raw, level)), _chunk(b"IEND", b"")]
+    return b"".join(out)
+
+
+def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
+    """Write `data` to `path` all-or-nothing. Without `overwrite`, an existing `path` raises
+    OutputExists and is left untouched (two writers never both produce one file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic and fails if the name exists
+            except FileExistsError:
+                raise OutputExists(f"{path}: already exists (written by another process?)") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before any GPU work if the output folder cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from e
+
+
+def clean_partials(out_dir: Path) -> int:
+    """Remove temporary files left by a killed run (they never carry a final name)."""
+    removed = 0
+    for p in out_dir.rglob(".*.part"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed += 1
+    return removed

@@ -1,0 +1,125 @@
+"""`Decoder`: a PiD checkpoint loaded once, decoding batches of latents to pixels.
+
+This is the library API and what every `pid decode` worker runs. Latent conversion lives in
+`latents.py`, prompts in `text.py`, files on disk in `runner.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pid_cli.model import PiDNet, load_weights
+from pid_cli.registry import Entry
+from pid_cli.sampler import draw_noise, sample, schedule
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`None`/'auto' → the first GPU if there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_uint(images: Tensor, bit_depth: int = 8) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] uint8/uint16, rounded to nearest (upstream's
+    demos truncate, which darkens every pixel by half a level on average)."""
+    top = 255 if bit_depth == 8 else 65535
+    scaled = ((images.float().clamp(-1, 1) + 1) * (top / 2)).round()
+    return scaled.permute(0, 2, 3, 1).to(torch.int32).cpu().numpy().astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+class Decoder:
+    """One PiD checkpoint on one device.
+
+    >>> dec = Decoder.from_registry("flux2", target="4k")          # doctest: +SKIP
+    >>> images = dec.decode(latents, prompts=["a red fox"], seed=0)  # [B, H, W, 3] uint8
+    """
+
+    def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None):
+        self.entry = entry
+        self.weights = Path(weights)
+        self.device = resolve_device(device)
+        if dtype is None:  # bf16 matmuls on GPUs (upstream's autocast policy); exact fp32 on CPUs
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.text_encoder = text_encoder
+        with torch.device("meta"):
+            net = PiDNet(**entry.net_config)
+        load_weights(net, self.weights)  # adopts the file's tensors: no random init, no second copy
+        self.net = net.to_inference_dtype(self.dtype).to(self.device).eval().requires_grad_(False)
+
+    @classmethod
+    def from_registry(cls, backbone: str, variant: str | None = None, target: str | None = None, *,
+                      registry_files: Sequence[str | Path] = (), device: str | torch.device | None = None,
+                      dtype: str | torch.dtype | None = None, download: bool = True) -> Decoder:
+        """Resolve the checkpoint in the registry, fetch what is missing (unless offline), load."""
+        from pid_cli import hub
+        from pid_cli.registry import load_registry
+
+        entry = load_registry(registry_files).resolve(backbone, variant, target)
+        files = hub.ensure_files(entry, vae=False, text_encoder=False, download=download)
+        return cls(entry, files.weights, device=device, dtype=dtype)
+
+    @property
+    def scale(self) -> int:
+        """Output pixels per latent cell."""
+        return self.entry.latent.vae_factor * self.entry.sr_scale
+
+    def output_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        return latent_hw[0] * self.scale, latent_hw[1] * self.scale
+
+    def embed(self, prompts: Sequence[str], prompt_embeds: str | Path | None = None) -> Tensor:
+        """Text conditioning [B, 300, 2304] for `prompts` (cache / exported file / Gemma)."""
+        from pid_cli.text import embed_prompts
+
+        return embed_prompts(list(prompts), prompt_embeds=prompt_embeds, text_encoder=self.text_encoder,
+                             device=self.device, model_max_length=self.entry.net_config["txt_max_length"])
+
+    @torch.inference_mode()
+    def decode_tensor(self, latents: Tensor, text: Tensor, degrade_sigma: float | Sequence[float] = 0.0,
+                      seeds: int | Sequence[int] = 0, steps: int = 4) -> Tensor:
+        """Latents [B, C, h, w] (normalised) + text [B, T, D] → images [B, 3, H, W] in [-1, 1].
+
+        Each item draws its noise from its own generator seeded `seeds[i]` (an int gives
+        seed + i), so an image never depends on what else is in the batch; at batch 1 the
+        draws are upstream's (noise, then one ε per step) for the same seed.
+        """
+        b, _, h, w = latents.shape
+        seed_list = [seeds + i for i in range(b)] if isinstance(seeds, int) else list(seeds)
+        sigmas = [float(degrade_sigma)] * b if isinstance(degrade_sigma, (int, float)) else list(degrade_sigma)
+        if len(seed_list) != b or len(sigmas) != b or text.shape[0] != b:
+            raise ValueError(f"batch of {b} latents needs {b} seeds, sigmas and text rows "
+                             f"(got {len(seed_list)}, {len(sigmas)}, {text.shape[0]})")
+        dev = self.device
+        lq = latents.to(torch.bfloat16).float().to(dev)  # upstream hands PiD the bf16-rounded latent
+        generators = [torch.Generator(device=dev).manual_seed(int(s)) for s in seed_list]
+        noise = draw_noise((b, 3, *self.output_size((h, w))), generators, dev)
+        sigma = torch.tensor(sigmas, dtype=torch.float32, device=dev)
+        y = text.to(dev, torch.float32)
+        t_list = schedule(steps, self.entry.sampler.t_list)
+        return sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
+
+    def decode(self, latents: Tensor, prompts: Sequence[str] | None = None, prompt_embeds: Tensor | None = None,
+               degrade_sigma: float | Sequence[float] = 0.0, seed: int | Sequence[int] = 0, steps: int = 4,
+               bit_depth: int = 8) -> np.ndarray:
+        """Latents [B, C, h, w] → images [B, H, W, 3] uint8 (uint16 with bit_depth=16).
+
+        Give `prompts` (embedded through the cache, Gemma only for misses) or `prompt_embeds`
+        [B, 300, 2304]; neither means the empty caption, the condition PiD saw for dropped captions.
+        """
+        if latents.dim() == 3:
+            latents = latents[None]
+        if prompt_embeds is None:
+            prompts = list(prompts) if prompts is not None else [""]
+            if len(prompts) == 1:
+                prompts = prompts * latents.shape[0]
+            prompt_embeds = self.embed(prompts)
+        return to_uint(self.decode_tensor(latents, prompt_embeds, degrade_sigma, seed, steps), bit_depth)

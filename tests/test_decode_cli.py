@@ -1,0 +1,218 @@
+"""`pid decode` end to end on CPU with the tiny upstream fixture weights, registered through a
+user registry: formats, sizes, metadata, determinism, shards, resume, exit codes, interrupts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import PARITY, tiny_config
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from pid_cli.cli import app
+from pid_cli.text import save_prompt_embeds
+
+SCALE = 32  # tiny v1_flux: 8 px per latent cell × sr 4
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A registry with the tiny flux decoder, prompt embeddings, and a folder of inputs."""
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"version": 1, "entries": [{
+        "id": "tiny-flux", "base": "flux-2k", "variant": "tiny",
+        "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"), "net_config": tiny_config("v1_flux"),
+        "output_sizes": {"buckets": ["64x64"], "multiple_of": 16}}]}))
+    gen = torch.Generator().manual_seed(0)
+    emb = tmp_path / "emb.safetensors"
+    save_prompt_embeds(emb, ["", "a red fox"], torch.randn(2, 12, 32, generator=gen))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    return {"reg": reg, "emb": emb, "inputs": inputs, "out": tmp_path / "out", "gen": gen}
+
+
+def _args(s, *extra):
+    return ["decode", str(s["inputs"]), "--backbone", "flux", "--variant", "tiny", "--registry", str(s["reg"]),
+            "--prompt-embeds", str(s["emb"]), "--out", str(s["out"]), "--quiet", *extra]
+
+
+def _run(args):
+    result = CliRunner().invoke(app, args)
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return result, records
+
+
+def _latent(s, *shape):
+    return torch.randn(*shape, generator=s["gen"])
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_every_format_and_layout_decodes(setup):
+    s, d = setup, setup["inputs"]
+    z = _latent(s, 3, 16, 2, 2)
+    save_file({"latent": z[0]}, d / "chw.safetensors", metadata={"prompt": "a red fox"})
+    torch.save({"latents": z[:2]}, d / "batch.pt")
+    np.save(d / "one.npy", z[2:3].numpy())
+    np.savez(d / "arrays.npz", samples=_latent(s, 1, 16, 2, 4).numpy())
+    packed = z[:1].view(1, 16, 1, 2, 1, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 1, 64).contiguous()
+    save_file({"latents": packed}, d / "packed.safetensors", metadata={"height": "16", "width": "16"})
+    save_file({"latent_tensor": z[:1] / 0.3611 + 0.1159}, d / "comfy.latent",
+              metadata={"latent_format_version_0": "true"})
+    result, records = _run(_args(s, "--json"))
+    assert result.exit_code == 0, result.output
+    assert sorted(r["status"] for r in records) == ["ok"] * 6
+    out = s["out"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["arrays.png", "batch_0.png", "batch_1.png", "chw.png", "comfy.png", "one.png", "packed.png"]
+    assert Image.open(out / "arrays.png").size == (4 * SCALE, 2 * SCALE)
+    assert Image.open(out / "chw.png").size == (2 * SCALE, 2 * SCALE)
+    # z[0] through three containers/layouts (seed 0, empty prompt) gives the same pixels
+    assert np.abs(_pixels(out / "packed.png").astype(int) - _pixels(out / "batch_0.png")).max() <= 1
+    assert np.abs(_pixels(out / "comfy.png").astype(int) - _pixels(out / "batch_0.png")).max() <= 1
+    assert not np.array_equal(_pixels(out / "chw.png"), _pixels(out / "batch_0.png"))  # its prompt differs
+    info = Image.open(out / "chw.png").info
+    assert info["pid:backbone"] == "flux" and info["pid:variant"] == "tiny" and info["pid:prompt"] == "a red fox"
+    assert info["pid:seed"] == "0" and info["pid:steps"] == "4" and info["pid:source"].endswith("chw.safetensors")
+    assert Image.open(out / "batch_1.png").info["pid:seed"] == "1"
+
+
+def test_deterministic_and_batch_invariant(setup, tmp_path):
+    s = setup
+    for i in range(5):
+        save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / f"{i}.safetensors")
+    runs = {}
+    settings = {"b1": ["--batch-size", "1"], "b3": ["--batch-size", "3"], "again": ["--batch-size", "1"]}
+    for label, extra in settings.items():
+        s["out"] = tmp_path / label
+        assert _run(_args(s, *extra))[0].exit_code == 0
+        runs[label] = {p.name: _pixels(p) for p in s["out"].iterdir()}
+    assert runs["b1"].keys() == runs["b3"].keys() and len(runs["b1"]) == 5
+    for name in runs["b1"]:
+        assert np.array_equal(runs["b1"][name], runs["again"][name])  # same command, same pixels
+        assert np.abs(runs["b1"][name].astype(int) - runs["b3"][name]).max() <= 1  # fp32 batching round-off only
+    s["out"] = tmp_path / "seed1"
+    assert _run(_args(s, "--seed", "1", "--batch-size", "1"))[0].exit_code == 0
+    assert not np.array_equal(_pixels(s["out"] / "0.png"), runs["b1"]["0.png"])
+
+
+def test_shards_cover_every_input_once(setup, tmp_path):
+    s = setup
+    for i in range(7):
+        save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / f"{i}.safetensors")
+    seen = []
+    for k in range(3):
+        result, records = _run(_args(s, "--shard", f"{k}/3", "--json"))
+        assert result.exit_code == 0
+        seen += [r["input"] for r in records]
+    assert sorted(seen) == sorted(str(p) for p in s["inputs"].iterdir())
+    assert len({p.name for p in s["out"].iterdir()}) == 7
+
+
+def test_rerun_skips_and_overwrite_redoes(setup):
+    s = setup
+    save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "a.safetensors")
+    assert _run(_args(s))[0].exit_code == 0
+    mtime = (s["out"] / "a.png").stat().st_mtime_ns
+    result, records = _run(_args(s, "--json"))
+    assert result.exit_code == 0 and [r["status"] for r in records] == ["skipped"]
+    assert (s["out"] / "a.png").stat().st_mtime_ns == mtime
+    result, records = _run(_args(s, "--json", "--overwrite"))
+    assert [r["status"] for r in records] == ["ok"] and (s["out"] / "a.png").stat().st_mtime_ns != mtime
+
+
+def test_bad_inputs_fail_alone_with_exit_code_1(setup, tmp_path):
+    s = setup
+    save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "good.safetensors")
+    save_file({"x": _latent(s, 4, 2, 2)}, s["inputs"] / "sdxl.safetensors")
+    save_file({"x": torch.full((16, 2, 2), float("inf"))}, s["inputs"] / "inf.safetensors")
+    (s["inputs"] / "trunc.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    manifest_out = tmp_path / "records.jsonl"
+    result, records = _run(_args(s, "--json", "--manifest-out", str(manifest_out)))
+    assert result.exit_code == 1
+    by_name = {os.path.basename(r["input"]): r for r in records}
+    assert by_name["good.safetensors"]["status"] == "ok"
+    assert "fits --backbone sdxl" in by_name["sdxl.safetensors"]["error"]
+    assert "NaN or Inf" in by_name["inf.safetensors"]["error"]
+    assert by_name["trunc.safetensors"]["status"] == "failed"
+    assert [json.loads(line) for line in manifest_out.read_text().splitlines()] == records
+    assert sorted(p.name for p in s["out"].iterdir()) == ["good.png"]
+
+
+def test_fail_fast_stops_at_the_first_failure(setup):
+    s = setup
+    save_file({"x": _latent(s, 4, 2, 2)}, s["inputs"] / "a_bad.safetensors")
+    for i in range(3):
+        save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / f"b{i}.safetensors")
+    result, records = _run(_args(s, "--json", "--fail-fast"))
+    assert result.exit_code == 1 and records[0]["status"] == "failed"
+    assert not s["out"].exists() or not list(s["out"].iterdir())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backbone", "nope"], "unknown backbone"),
+    (["--steps", "9"], "--steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--name", "{stem}{colour}.png"], "unknown field"),
+])
+def test_usage_errors_exit_2(setup, extra, message):
+    s = setup
+    save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "a.safetensors")
+    result = CliRunner().invoke(app, _args(s, *extra))
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_target_mismatch_suggests_the_right_target(setup):
+    s = setup
+    data = yaml.safe_load(s["reg"].read_text())
+    data["targets"] = {"2k": "tiny", "4k": "tiny"}  # both targets pick the tiny checkpoint here
+    s["reg"].write_text(yaml.safe_dump(data))
+    save_file({"x": _latent(s, 16, 64, 64)}, s["inputs"] / "a.safetensors")  # decodes to 2048x2048
+    args = [a for a in _args(s, "--json") if a not in ("--variant", "tiny")]
+    result, records = _run([*args, "--target", "4k"])
+    assert result.exit_code == 1
+    assert "decodes to 2048x2048, not a 4k image; use --target 2k" in records[0]["error"]
+
+
+def test_sixteen_bit_output(setup):
+    s = setup
+    save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "a.safetensors")
+    assert _run(_args(s, "--bit-depth", "16", "--no-metadata"))[0].exit_code == 0
+    data = (s["out"] / "a.png").read_bytes()
+    assert data[24] == 16 and b"pid:backbone" not in data  # IHDR bit depth; no text chunks
+
+
+def test_sigint_leaves_only_complete_pngs_and_rerun_finishes(setup):
+    s = setup
+    n = 24
+    for i in range(n):
+        save_file({"x": _latent(s, 16, 6, 6)}, s["inputs"] / f"{i:02d}.safetensors")
+    cmd = [sys.executable, "-m", "pid_cli.cli", *_args(s, "--batch-size", "1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (s["out"].exists() and any(s["out"].glob("*.png"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    done = sorted(s["out"].glob("*.png"))
+    assert 0 < len(done) < n
+    assert not list(s["out"].glob(".*"))  # no temporary or partial files
+    for p in done:
+        Image.open(p).load()  # every PNG that exists is complete
+    result, records = _run(_args(s, "--json"))
+    assert result.exit_code == 0
+    assert len(list(s["out"].glob("*.png"))) == n
+    assert sum(r["status"] == "skipped" for r in records) == len(done)
