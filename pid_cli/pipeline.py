@@ -6,6 +6,8 @@ This is the library API and what every `pid decode` worker runs. Latent conversi
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,10 +16,14 @@ import torch
 from torch import Tensor
 
 from pid_cli.model import PiDNet, load_weights
+from pid_cli.model.layers import fast_attention
 from pid_cli.registry import Entry
 from pid_cli.sampler import draw_noise, sample, schedule
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# torch.compile is not meant to compile from several threads at once: the first decode of each
+# shape on each device (when compilation happens) runs alone; later decodes run concurrently.
+_COMPILE_LOCK = threading.Lock()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -43,7 +49,8 @@ class Decoder:
     """
 
     def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None):
+                 dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None,
+                 compile: bool | None = None):
         self.entry = entry
         self.weights = Path(weights)
         self.device = resolve_device(device)
@@ -55,6 +62,10 @@ class Decoder:
             net = PiDNet(**entry.net_config)
         load_weights(net, self.weights)  # adopts the file's tensors: no random init, no second copy
         self.net = net.to_inference_dtype(self.dtype).to(self.device).eval().requires_grad_(False)
+        self.compiled = compile if compile is not None else self.device.type == "cuda"
+        if self.compiled:
+            self.net.compile_blocks()  # one compilation per output size, reused for every later image
+        self._warm_shapes: set[tuple[int, ...]] = set()
 
     @classmethod
     def from_registry(cls, backbone: str, variant: str | None = None, target: str | None = None, *,
@@ -105,7 +116,11 @@ class Decoder:
         sigma = torch.tensor(sigmas, dtype=torch.float32, device=dev)
         y = text.to(dev, torch.float32)
         t_list = schedule(steps, self.entry.sampler.t_list)
-        return sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
+        first = self.compiled and tuple(latents.shape) not in self._warm_shapes
+        with _COMPILE_LOCK if first else contextlib.nullcontext(), fast_attention():
+            images = sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
+        self._warm_shapes.add(tuple(latents.shape))
+        return images
 
     def decode(self, latents: Tensor, prompts: Sequence[str] | None = None, prompt_embeds: Tensor | None = None,
                degrade_sigma: float | Sequence[float] = 0.0, seed: int | Sequence[int] = 0, steps: int = 4,

@@ -66,9 +66,14 @@ def sample(net: nn.Module, noise: Tensor, y: Tensor, lq_latent: Tensor, degrade_
     batch, device = noise.shape[0], noise.device
     sigma = degrade_sigma.to(device=device, dtype=torch.float32).expand(batch)
     x = noise.float()
+    if hasattr(net, "condition"):  # PiDNet: text, latent features and tables once, not once per step
+        cond = net.condition(y, lq_latent, sigma, x.shape[2], x.shape[3])
+        velocity = lambda x, t: net.velocity(x, t, cond)
+    else:
+        velocity = lambda x, t: net(x, t, y, lq_latent, sigma)
     for k in range(ts.numel() - 1):
         t_cur, t_next = ts[k].to(device), ts[k + 1].to(device)
-        v = net(x, (t_cur * FM_TIMESCALE).expand(batch), y, lq_latent, sigma)
+        v = velocity(x, (t_cur * FM_TIMESCALE).expand(batch))
         x0 = (x.double() - t_cur.double() * v.double()).float()
         if t_next.item() > 0:
             e = eps[k].to(device=device, dtype=torch.float32) if eps is not None else \

@@ -29,9 +29,12 @@ def _assert_close(got: torch.Tensor, ref: torch.Tensor, max_tol: float, rel_tol:
 
 @pytest.mark.parametrize("weights", WEIGHT_FILES)
 @pytest.mark.parametrize("variant", TINY_VARIANTS)
-def test_forward_matches_upstream(variant: str, weights: str):
+@pytest.mark.parametrize("pixel_chunk", [8192, 7])
+def test_forward_matches_upstream(variant: str, weights: str, pixel_chunk: int):
+    """Also with the per-pixel work cut into uneven chunks of 7 patch tokens (crossing images)."""
     fx = tiny_fixture(variant)
     net = _net(variant, weights)
+    net.pixel_chunk = pixel_chunk
     with torch.no_grad():
         out = net(fx["x"], fx["t"], fx["y"], fx["lq_latent"], fx["degrade_sigma"])
     assert out.shape == fx["out"].shape and out.dtype == torch.float32

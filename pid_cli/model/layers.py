@@ -32,10 +32,19 @@ class Conv2d(nn.Conv2d):
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32 (autocast's rule for group_norm); returns fp32."""
+    """GroupNorm computed in fp32 (autocast's rule for group_norm); returns fp32.
+
+    The statistics go through a plain reduction instead of `F.group_norm`: with 4 groups the
+    fused CUDA kernel runs one thread block per group and took 13% of upstream's 2K decode.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        b, c = x.shape[:2]
+        groups = x.float().view(b, self.num_groups, -1)
+        var, mean = torch.var_mean(groups, dim=-1, correction=0, keepdim=True)
+        normed = ((groups - mean) * torch.rsqrt(var + self.eps)).view(x.shape)
+        affine = (1, c) + (1,) * (x.dim() - 2)
+        return normed * self.weight.float().view(affine) + self.bias.float().view(affine)
 
 
 class RMSNorm(nn.Module):
@@ -155,6 +164,16 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def fast_attention():
+    """Prefer cuDNN's fused attention on GPUs (27-38% faster than the flash backend on H100 for
+    PiD's head dims 64 and 72, see perf/UPSTREAM_PROFILE.md), falling back in order."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

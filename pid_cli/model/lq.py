@@ -75,9 +75,9 @@ class LQProjection(nn.Module):
         z = z.view(b, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3)  # [B, C', h, f, w, f]
         return z.reshape(b, c // (f * f), h * f, w * f)
 
-    def forward(self, z: Tensor, grid_h: int, grid_w: int) -> tuple[list[Tensor], Tensor | None]:
+    def tokens(self, z: Tensor, grid_h: int, grid_w: int) -> Tensor:
+        """Latent [B, C_lat, zh, zw] → conv features [B, L, lq_dim] on the patch grid. The
+        per-injection heads (`output_heads[k]`, `pit_head`) turn them into [B, L, hidden]."""
         z = self.unpatchify_latent(z.float())
         z = F.interpolate(z, size=(grid_h, grid_w), mode="nearest")  # [B, C', Hs, Ws]
-        tokens = self.latent_proj(z).flatten(2).transpose(1, 2)  # [B, L, lq_dim]
-        features = [head(tokens) for head in self.output_heads]  # each [B, L, hidden]
-        return features, (self.pit_head(tokens) if self.pit_head is not None else None)
+        return self.latent_proj(z).flatten(2).transpose(1, 2)  # [B, L, lq_dim]

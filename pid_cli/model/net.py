@@ -7,6 +7,7 @@ released `model_ema_bf16.pth` files load without conversion. Spec: PID_SPEC.md �
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,21 @@ from pid_cli.model.layers import (
 from pid_cli.model.lq import LQProjection, SigmaGate
 
 Rope = tuple[Tensor, Tensor] | None
+
+
+@dataclass
+class Conditioning:
+    """The per-decode inputs of `PiDNet.velocity` that do not change between sampler steps."""
+
+    text: Tensor  # [B, T, D] embedded text stream input
+    lq_tokens: Tensor | None  # [B, L, lq_dim] latent-branch conv features, before the per-block heads
+    sigma: Tensor  # [B] degrade_sigma
+    grid: tuple[int, int]  # patch grid (H/P, W/P)
+    rope_x: Rope  # image RoPE for the MMDiT blocks
+    rope_y: Rope  # text RoPE
+    rope_pix: Rope  # image RoPE for the PiT attention
+    pos_cols: Tensor  # [W, C/2] pixel sin-cos factors
+    pos_rows: Tensor  # [H, C/2]
 
 
 class JointAttention(nn.Module):
@@ -105,7 +121,11 @@ class PixelAttention(nn.Module):
 
 class PiTBlock(nn.Module):
     """Per-pixel block: every pixel of a patch gets its own adaLN modulation from the patch's
-    conditioning vector; pixels talk across patches through one compressed token per patch."""
+    conditioning vector; pixels talk across patches through one compressed token per patch.
+
+    The per-pixel work (`pre`, `post`) is independent per patch token, so the network runs it
+    over chunks of tokens; only `attend` sees all tokens at once.
+    """
 
     def __init__(self, pixel_dim: int, cond_dim: int, patch_size: int, attn_dim: int, heads: int):
         super().__init__()
@@ -118,15 +138,35 @@ class PiTBlock(nn.Module):
         self.norm2 = RMSNorm(pixel_dim)
         self.mlp = GeluMLP(pixel_dim, 4 * pixel_dim)
         self.adaLN_modulation = nn.Sequential(Linear(cond_dim, 6 * pixel_dim * p2))
+        self._split: tuple[Tensor, ...] | None = None
 
-    def forward(self, xp: Tensor, s_cond: Tensor, batch: int, rope: Rope) -> Tensor:
-        # xp [B·L, P², C] pixels, s_cond [B·L, D] one conditioning vector per patch
-        n, p2, c = xp.shape
-        mod = self.adaLN_modulation(s_cond).view(n, p2, 6 * c)  # pixel-major: [B·L, P², 6·C]
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
-        tokens = self.compress_to_attn(modulate(self.norm1(xp), shift_a, scale_a).reshape(n, p2 * c))
-        tokens = self.attn(tokens.view(batch, n // batch, -1), rope)  # [B, L, attn_dim]
-        xp = xp + gate_a * self.expand_from_attn(tokens.reshape(n, -1)).view(n, p2, c)
+    def split_modulation(self) -> None:
+        """Regroup the adaLN rows (pixel-major: p·6C + chunk·C + ch) into the two modulations
+        used before attention (shift, scale) and after it (gate, shift, scale, gate), so each
+        chunk computes exactly the rows it needs, never the whole 6·C·P² output at once."""
+        lin = self.adaLN_modulation[0]
+        c = self.pixel_dim
+        rows = torch.arange(lin.out_features, device=lin.weight.device).view(-1, 6 * c)  # [P², 6C]
+        pre, post = rows[:, : 2 * c].reshape(-1), rows[:, 2 * c:].reshape(-1)
+        self._split = (lin.weight[pre], lin.bias[pre], lin.weight[post], lin.bias[post])
+
+    def _modulation(self, s_cond: Tensor, part: int) -> Tensor:
+        if self._split is None:
+            self.split_modulation()
+        w, bias = self._split[2 * part], self._split[2 * part + 1]
+        return F.linear(s_cond.to(w.dtype), w, bias).view(s_cond.shape[0], -1, (2 + 2 * part) * self.pixel_dim)
+
+    def pre(self, xp: Tensor, s_cond: Tensor) -> Tensor:
+        # xp [n, P², C] pixels, s_cond [n, D] → compressed tokens [n, attn_dim]
+        shift_a, scale_a = self._modulation(s_cond, 0).chunk(2, dim=-1)
+        return self.compress_to_attn(modulate(self.norm1(xp), shift_a, scale_a).flatten(1))
+
+    def attend(self, tokens: Tensor, batch: int, rope: Rope) -> Tensor:
+        return self.attn(tokens.view(batch, -1, tokens.shape[-1]), rope).flatten(0, 1)  # [B·L, attn_dim]
+
+    def post(self, xp: Tensor, s_cond: Tensor, attended: Tensor) -> Tensor:
+        gate_a, shift_m, scale_m, gate_m = self._modulation(s_cond, 1).chunk(4, dim=-1)
+        xp = xp + gate_a * self.expand_from_attn(attended).view(xp.shape)
         return xp + gate_m * self.mlp(modulate(self.norm2(xp), shift_m, scale_m))
 
 
@@ -140,19 +180,20 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm(x))
 
 
-def pixel_sincos(dim: int, height: int, width: int, device: torch.device | None = None) -> Tensor:
-    """Fixed 2D sin-cos embedding of full-image pixel coordinates → [H, W, dim] fp32.
-
-    Layout per pixel: [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)], ω_k = 10000^(−k/(dim/4)).
-    Computed in float64 as upstream does, then rounded to float32.
-    """
+def pixel_sincos_tables(dim: int, height: int, width: int,
+                        device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Fixed 2D sin-cos embedding of full-image pixel coordinates, as its two factors:
+    cols [W, dim/2] = [sin(col·ω), cos(col·ω)] and rows [H, dim/2] = [sin(row·ω), cos(row·ω)],
+    ω_k = 10000^(−k/(dim/4)); a pixel's embedding is cat(cols[col], rows[row]). Computed in
+    float64 as upstream does, then rounded to float32."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-    cols = torch.arange(width, dtype=torch.float64, device=device)[:, None] * omega  # [W, dim/4]
-    rows = torch.arange(height, dtype=torch.float64, device=device)[:, None] * omega  # [H, dim/4]
-    col_part = torch.cat([cols.sin(), cols.cos()], -1)[None].expand(height, -1, -1)
-    row_part = torch.cat([rows.sin(), rows.cos()], -1)[:, None].expand(-1, width, -1)
-    return torch.cat([col_part, row_part], -1).float()
+
+    def table(n: int) -> Tensor:
+        angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * omega  # [n, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], -1).float()
+
+    return table(width), table(height)
 
 
 # Upstream config fields that only matter for training; accepted and ignored.
@@ -207,6 +248,7 @@ class PiDNet(nn.Module):
         self.latent_spatial_down_factor = latent_spatial_down_factor
         self.lq_latent_channels = lq_latent_channels
         self.lq_latent_unpatchify_factor = lq_latent_unpatchify_factor
+        self.pixel_chunk = 8192  # patch tokens per chunk of per-pixel work (2 chunks at 2K, 8 at 4K)
 
         self.pixel_embedder = LinearEmbedder(in_channels, pixel_hidden_size)
         self.s_embedder = LinearEmbedder(in_channels * patch_size**2, hidden_size)
@@ -227,6 +269,28 @@ class PiDNet(nn.Module):
             padding_mode=lq_conv_padding_mode, pit_head=pit_lq_inject)
         self.pit_lq_gate = SigmaGate(hidden_size, per_dim) if pit_lq_inject else None
 
+    def compile_blocks(self, **options) -> PiDNet:
+        """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the
+        chunked PiT halves, the gates, the pixel embedding and the final layer); the loops
+        between them stay eager. Shapes are static, so a new output size compiles once and every
+        later image of that size reuses it."""
+        options = {"dynamic": False, **options}
+        # one entry per (device, output size, last-block flag): the default limit of 8 would
+        # silently fall back to eager on a 4-GPU host decoding two sizes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 1024)
+        for block in self.patch_blocks:
+            block.forward = torch.compile(block.forward, **options)
+        for block in self.pixel_blocks:
+            block.pre = torch.compile(block.pre, **options)
+            block.post = torch.compile(block.post, **options)
+        for gate in [*self.lq_proj.gate_modules, *([self.pit_lq_gate] if self.pit_lq_gate else [])]:
+            gate.forward = torch.compile(gate.forward, **options)
+        self._embed_pixels = torch.compile(self._embed_pixels, **options)
+        self.final_layer.forward = torch.compile(self.final_layer.forward, **options)
+        return self
+
     def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:
         """Cast matmul/conv weights to `dtype`; keep norms, gates' log_alpha and the text
         position table in fp32 (upstream uses them in fp32 arithmetic). bf16 here reproduces
@@ -237,50 +301,86 @@ class PiDNet(nn.Module):
                 module.to(dtype)
         return self
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, lq_latent: Tensor | None,
-                degrade_sigma: Tensor) -> Tensor:
-        # x [B, 3, H, W] sample, t [B] (×1000), y [B, T, txt_dim] text, lq_latent [B, C_lat, zh, zw], σ [B]
-        b, _, height, width = x.shape
+    def condition(self, y: Tensor, lq_latent: Tensor | None, degrade_sigma: Tensor, height: int,
+                  width: int) -> Conditioning:
+        """Everything that stays fixed across sampler steps, computed once per decode: the text
+        stream input, the latent branch's conv features (the costliest part of it), RoPE and
+        pixel-position tables. Identical to recomputing them every step, as upstream does."""
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {p}")
         gh, gw = height // p, width // p
         n_txt = min(self.txt_max_length, y.shape[1])
-        device = x.device
+        device = y.device
+        for block in self.pixel_blocks:
+            block.split_modulation()
+        head_dim = self.hidden_size // self.num_groups
+        cols, rows = pixel_sincos_tables(self.pixel_hidden_size, height, width, device)
+        return Conditioning(
+            text=self.y_embedder(y[:, :n_txt]) + self.y_pos_embedding[:, :n_txt],  # [B, T, D]
+            lq_tokens=self.lq_proj.tokens(lq_latent, gh, gw) if lq_latent is not None else None,
+            sigma=degrade_sigma.float(),
+            grid=(gh, gw),
+            rope_x=rope_2d(head_dim, gh, gw, *self.rope_ref_grid, device=device),
+            rope_y=rope_1d(head_dim, n_txt, self.text_rope_theta, device=device) if self.use_text_rope else None,
+            rope_pix=rope_2d(self.pixel_head_dim, gh, gw, *self.rope_ref_grid, device=device),
+            pos_cols=cols, pos_rows=rows)
 
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, lq_latent: Tensor | None, degrade_sigma: Tensor) -> Tensor:
+        # x [B, 3, H, W] sample, t [B] (×1000), y [B, T, txt_dim] text, lq_latent [B, C_lat, zh, zw], σ [B]
+        return self.velocity(x, t, self.condition(y, lq_latent, degrade_sigma, x.shape[2], x.shape[3]))
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The velocity ε − x0 for sample x [B, 3, H, W] at timesteps t [B] (already ×1000)."""
+        b = x.shape[0]
+        p, (gh, gw) = self.patch_size, cond.grid
         patches = x.view(b, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)  # [B, L, 3·P²]
         s = self.s_embedder(patches)  # [B, L, D]
         t_emb = self.t_embedder(t)[:, None]  # [B, 1, D]
         c = F.silu(t_emb)
-        u = self.y_embedder(y[:, :n_txt]) + self.y_pos_embedding[:, :n_txt]  # [B, T, D]
-
-        head_dim = self.hidden_size // self.num_groups
-        rope_x = rope_2d(head_dim, gh, gw, *self.rope_ref_grid, device=device)
-        rope_y = rope_1d(head_dim, n_txt, self.text_rope_theta, device=device) if self.use_text_rope else None
-
-        features, pit_feature = self.lq_proj(lq_latent, gh, gw) if lq_latent is not None else ([], None)
+        u = cond.text
+        heads = self.lq_proj.output_heads if cond.lq_tokens is not None else []
         last = len(self.patch_blocks) - 1
         for i, block in enumerate(self.patch_blocks):
             k, rem = divmod(i, self.lq_interval)
-            if rem == 0 and k < len(features):
-                s = self.lq_proj.gate_modules[k](s, features[k], degrade_sigma)
-            s, u = block(s, u, c, rope_x, rope_y, text_out=i < last)
+            if rem == 0 and k < len(heads):
+                s = self.lq_proj.gate_modules[k](s, heads[k](cond.lq_tokens), cond.sigma)
+            s, u = block(s, u, c, cond.rope_x, cond.rope_y, text_out=i < last)
 
         s = F.silu(t_emb + s)
-        if self.pit_lq_gate is not None and pit_feature is not None:
-            s = self.pit_lq_gate(s, pit_feature, degrade_sigma)
-        s_cond = s.reshape(b * gh * gw, -1)  # [B·L, D]
+        if self.pit_lq_gate is not None and cond.lq_tokens is not None:
+            s = self.pit_lq_gate(s, self.lq_proj.pit_head(cond.lq_tokens), cond.sigma)
+        return self._pixel_stage(x, s.reshape(b * gh * gw, -1), cond)
 
-        pixels = self.pixel_embedder(x.permute(0, 2, 3, 1))  # [B, H, W, C]
-        pixels = pixels + pixel_sincos(self.pixel_hidden_size, height, width, device)
-        c_pix = pixels.shape[-1]
-        xp = pixels.view(b, gh, p, gw, p, c_pix).permute(0, 1, 3, 2, 4, 5).reshape(b * gh * gw, p * p, c_pix)
-        rope_pix = rope_2d(self.pixel_head_dim, gh, gw, *self.rope_ref_grid, device=device)
+    def _pixel_stage(self, x: Tensor, s_cond: Tensor, cond: Conditioning) -> Tensor:
+        """PiT blocks and the final layer, per-pixel work in chunks of `pixel_chunk` patch tokens
+        (memory stays flat at 4K: the 6·C·P² modulation of all tokens never exists at once)."""
+        b, _, height, width = x.shape
+        p, (gh, gw) = self.patch_size, cond.grid
+        n = b * gh * gw
+        chunks = [slice(i, min(i + self.pixel_chunk, n)) for i in range(0, n, self.pixel_chunk)]
+        rgb = x.view(b, 3, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, 3)  # [B·L, P², 3]
+        xp = torch.cat([self._embed_pixels(rgb[sl], sl, cond) for sl in chunks])  # [B·L, P², C] fp32
         for block in self.pixel_blocks:
-            xp = block(xp, s_cond, b, rope_pix)
-
-        out = self.final_layer(xp)  # [B·L, P², 3]
+            tokens = torch.cat([block.pre(xp[sl], s_cond[sl]) for sl in chunks])  # [B·L, attn_dim]
+            attended = block.attend(tokens, b, cond.rope_pix)
+            del tokens
+            for sl in chunks:
+                xp[sl] = block.post(xp[sl], s_cond[sl], attended[sl])
+        out = torch.cat([self.final_layer(xp[sl]) for sl in chunks])  # [B·L, P², 3]
         return out.view(b, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, height, width)
+
+    def _embed_pixels(self, rgb: Tensor, tokens: slice, cond: Conditioning) -> Tensor:
+        """Linear(3→C) of each pixel plus the sin-cos embedding of its full-image position."""
+        p, (gh, gw) = self.patch_size, cond.grid
+        idx = torch.arange(tokens.start, tokens.stop, device=rgb.device) % (gh * gw)
+        offsets = torch.arange(p, device=rgb.device)
+        rows = (idx // gw)[:, None] * p + offsets  # [n, P] pixel rows of each token
+        cols = (idx % gw)[:, None] * p + offsets
+        half = cond.pos_cols.shape[-1]
+        pos = torch.cat([cond.pos_cols[cols][:, None].expand(-1, p, -1, -1),
+                         cond.pos_rows[rows][:, :, None].expand(-1, -1, p, -1)], dim=-1)  # [n, P, P, C]
+        return self.pixel_embedder(rgb) + pos.view(rgb.shape[0], p * p, 2 * half)
 
 
 def _check_config(training_only: dict, rope_mode: str, lq_inject_mode: str, lq_in_channels: int,

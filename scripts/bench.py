@@ -1,0 +1,177 @@
+"""Time the real PiD decode path (network + 4-step sampler) of any registry entry with random
+weights, side by side with upstream's execution policy, on one GPU.
+
+    python scripts/bench.py --entry flux2-2kto4k-v1.5 --sizes 2048 4096 --batch 1
+    python scripts/bench.py --sizes 2048 --batch 4 --policies ours          # throughput
+
+Policies (every result has its reference in the same run):
+  upstream  fp32 weights under bf16 autocast, eager, PyTorch's default SDPA choice, the latent
+            branch recomputed every step, no chunking (what upstream's demos run)
+  eager     ours without torch.compile: bf16 weights, cuDNN attention first, latent branch once
+            per decode, chunked per-pixel work
+  ours      eager + torch.compile of the blocks (what `pid decode` runs on a GPU)
+Prints s/image, images/s, peak GPU memory and model FLOP utilisation (model FLOPs of the standard
+forward × steps ÷ time ÷ the bf16 matmul rate measured on the same card in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pid_cli.model import PiDNet
+from pid_cli.model.layers import fast_attention
+from pid_cli.registry import load_registry
+from pid_cli.sampler import draw_noise, sample, schedule
+
+
+class Uncached(torch.nn.Module):
+    """Hides `condition` so the sampler calls the full forward every step, as upstream does."""
+
+    def __init__(self, net: PiDNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args):
+        return self.net(*args)
+
+
+def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
+    with torch.device("meta"):
+        net = PiDNet(**entry.net_config)
+    net = net.to_empty(device=device).eval().requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in net.named_parameters():  # random but sane: unit norms, small matmul weights
+        if "norm" in name:
+            p.data.fill_(1.0)
+        elif p.dim() == 0:
+            p.data.fill_(1.6)
+        else:
+            p.data.normal_(0, 0.02, generator=gen)
+    if policy == "upstream":
+        net.float()
+        net.pixel_chunk = 1 << 30
+        return Uncached(net)
+    net.to_inference_dtype(torch.bfloat16)
+    if policy == "ours":
+        net.compile_blocks()
+    return net
+
+
+def model_flops(entry, size: int, batch: int) -> float:
+    """FLOPs of one standard forward (linear + attention + conv), counted on the meta device."""
+    with torch.device("meta"):
+        net = PiDNet(**entry.net_config)
+        scale = entry.latent.vae_factor * entry.sr_scale
+        args = (torch.empty(batch, 3, size, size), torch.empty(batch), torch.empty(batch, 300, 2304),
+                torch.empty(batch, entry.latent.channels, size // scale, size // scale), torch.empty(batch))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            net(*args)
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times)
+
+
+def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, device: torch.device,
+        profile: bool = False) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    net = build(entry, policy, device)
+    scale = entry.latent.vae_factor * entry.sr_scale
+    gen = torch.Generator(device=device).manual_seed(1)
+    y = torch.randn(batch, 300, 2304, device=device, generator=gen)
+    lq = torch.randn(batch, entry.latent.channels, size // scale, size // scale, device=device, generator=gen)
+    sigma = torch.zeros(batch, device=device)
+    t_list = schedule(steps, entry.sampler.t_list)
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if policy == "upstream" else contextlib.nullcontext
+    backends = fast_attention if policy != "upstream" else contextlib.nullcontext
+
+    def once() -> float:
+        gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+        noise = draw_noise((batch, 3, size, size), gens, device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.inference_mode(), autocast(), backends():
+            out = sample(net, noise, y, lq, sigma, t_list=t_list, generator=gens)
+        end.record()
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+        return start.elapsed_time(end) / 1e3
+
+    first = once()  # includes compilation for `ours`
+    ready = time.perf_counter() - t0
+    times = [once() for _ in range(repeat)]
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            once()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    seconds = statistics.median(times)
+    return {"policy": policy, "size": size, "batch": batch, "steps": steps, "s_per_image": seconds / batch,
+            "images_per_s": batch / seconds, "spread": (max(times) - min(times)) / seconds,
+            "first_call_s": first, "ready_s": ready,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entry", default="flux2-2kto4k-v1.5")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--policies", nargs="+", default=["upstream", "eager", "ours"])
+    ap.add_argument("--json", type=Path, help="append one JSON line per result here")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one decode per run")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    entry = load_registry().get(args.entry)
+    rate = matmul_rate(device)
+    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {entry.id}, "
+          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+    print("| policy | size | batch | s/image | images/s | peak GiB | MFU | first call s | spread |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        flops = model_flops(entry, size, args.batch) * args.steps
+        for policy in args.policies:
+            r = run(entry, policy, size, args.batch, args.steps, args.repeat, device, args.profile)
+            r["mfu"] = flops / (r["s_per_image"] * args.batch) / rate
+            r["device"] = torch.cuda.get_device_name(device)
+            print(f"| {policy} | {size} | {args.batch} | {r['s_per_image']:.3f} | {r['images_per_s']:.2f} | "
+                  f"{r['peak_gib']:.1f} | {r['mfu']:.0%} | {r['first_call_s']:.1f} | {r['spread']:.1%} |",
+                  flush=True)
+            if args.json:
+                with args.json.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
