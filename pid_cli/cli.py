@@ -245,11 +245,26 @@ def _bn_stats_loader(entry):
     return load
 
 
+def _vae_file_loader(entry):
+    """The backbone VAE file, fetched and verified once, only if images or --compare/--color-fix need it."""
+    import functools
+
+    @functools.cache
+    def load():
+        from pid_cli import hub
+
+        return hub.ensure_files(entry, vae=True, text_encoder=False).vae["weights"]
+
+    return load
+
+
 @app.command()
 def decode(
     inputs: Annotated[list[str], typer.Argument(
-        help="Latent files (.safetensors .latent .pt .pth .npy .npz), folders, globs, JSONL manifests "
-             '({"input": ..., "prompt": ..., "degrade_sigma": ..., "output": ...}) or - (paths on stdin).')],
+        help="Latent files (.safetensors .latent .pt .pth .npy .npz), images (.png .jpg .jpeg .webp .tif "
+             ".tiff: encoded by the backbone's VAE, then decoded at 4x: super-resolution), folders, globs, "
+             'JSONL manifests ({"input": ..., "prompt": ..., "degrade_sigma": ..., "output": ...}) or - (paths '
+             "on stdin). Images a folder or glob finds inside --out are left out (earlier outputs).")],
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Latent model: flux, flux2, sd3, sdxl, "
                                           "qwenimage, dinov2, siglip or an alias (zimage, flux2-klein-4b, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("pid_out"),
@@ -300,8 +315,19 @@ def decode(
                                                       "input here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Stream the JSONL records on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    fit: Annotated[bool, typer.Option("--fit", help="Image inputs: resize (Lanczos, scale to cover, centre-crop "
+                                      "the overhang) so the output is the trained size of closest aspect ratio "
+                                      "within --target, e.g. a 1000x750 photo -> 1024x768 -> 4096x3072. Without "
+                                      "it images are centre-cropped to a multiple of 16 px, never resized.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also write NAME.vae.png (the backbone VAE's own "
+                                          "decode of the same latent, Lanczos-upscaled to PiD's size) and "
+                                          "NAME.compare.png (8-bit strip: [input |] VAE | PiD).")] = False,
+    color_fix: Annotated[str, typer.Option("--color-fix", help="none, mean-std or wavelet: match the PiD "
+                                           "output's low-frequency colour to the VAE decode of the same latent "
+                                           "(for brightened dark scenes or a colour cast); recorded in the PNG "
+                                           "metadata.")] = "none",
 ) -> None:
-    """Decode stored latents to 2K/4K PNGs.
+    """Decode stored latents (or images: single-pass super-resolution) to 2K/4K PNGs.
 
     Exit codes: 0 all decoded or skipped, 1 some inputs failed, 2 usage or configuration error,
     130 interrupted. Existing outputs are skipped, so rerunning a command resumes it.
@@ -324,6 +350,8 @@ def decode(
         raise usage("--dtype must be bf16 or fp32")
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise usage("--batch-size must be a positive integer or auto")
+    if color_fix not in ("none", "mean-std", "wavelet"):
+        raise usage("--color-fix must be none, mean-std or wavelet")
     try:
         reg = load_registry(registry or [])
         entry = reg.resolve(backbone, variant, target)
@@ -337,7 +365,8 @@ def decode(
             target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,
             prompt_embeds=prompt_embeds, text_encoder=text_encoder,
             shard=parse_shard(shard) if shard else shard_from_env(), manifest_out=manifest_out,
-            json_stdout=json_out, quiet=quiet, bn_stats=_bn_stats_loader(entry))
+            json_stdout=json_out, quiet=quiet, bn_stats=_bn_stats_loader(entry), fit=fit, compare=compare,
+            color_fix=color_fix, vae_weights=_vae_file_loader(entry))
         code = run(job)
     except (RegistryError, InputError, hub.HubError, PermissionError, ValueError) as e:
         raise usage(str(e)) from e

@@ -7,6 +7,7 @@ only; SIGINT/SIGTERM finish the images in flight and stop (exit 130).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -18,12 +19,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from torch import Tensor
 
 from pid_cli import __version__
+from pid_cli.baselines import Baseline, baseline_paths, render
+from pid_cli.colorfix import METHODS as COLOR_FIX_METHODS
+from pid_cli.imageinput import ImagePlan, fit_sizes, load_image, plan_image
+from pid_cli.images import read_image
 from pid_cli.inputs import (
     DEFAULT_TEMPLATE,
     InputError,
@@ -34,10 +39,20 @@ from pid_cli.inputs import (
     safe_output_path,
     take_shard,
 )
-from pid_cli.latents import LatentError, read_latent_file, to_pid_latent, to_training_frame, training_sigma
+from pid_cli.latents import (
+    MAX_LATENT_SIDE,
+    LatentError,
+    read_latent_file,
+    to_pid_latent,
+    to_training_frame,
+    training_sigma,
+)
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
 from pid_cli.pipeline import Decoder, resolve_device, to_uint
 from pid_cli.registry import Entry
+
+if TYPE_CHECKING:
+    from pid_cli.vae import LatentCodec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -75,6 +90,10 @@ class DecodeJob:
     json_stdout: bool = False
     quiet: bool = False
     bn_stats: Callable[[], tuple[Tensor, Tensor]] | None = None  # FLUX.2 VAE statistics, loaded on demand
+    fit: bool = False  # image inputs: resize onto a trained output size (imageinput.py)
+    compare: bool = False  # also write NAME.vae.png and NAME.compare.png (baselines.py)
+    color_fix: str = "none"  # colorfix.METHODS
+    vae_weights: Callable[[], Path] | None = None  # the backbone VAE file, fetched on demand (default: hub)
     warn: Callable[[str], None] = lambda msg: print(f"warning: {msg}", file=sys.stderr)
 
 
@@ -86,9 +105,20 @@ class Item:
     index: int
     shape: tuple[int, int, int]  # latent [C, h, w]
     output: Path
-    sigma: float  # as given (the backbone's own frame); converted when the batch is loaded
+    sigma: float  # as given (the backbone's own frame); converted when the batch is decoded
     seed: int
     prompt: str = ""
+    plan: ImagePlan | None = None  # image inputs: how the file becomes encoder input
+
+
+@dataclass
+class Probe:
+    """What the prepass learns about one input without GPU work."""
+
+    count: int  # images it yields
+    shape: tuple[int, int, int]  # latent [C, h, w] of each
+    meta: dict[str, Any]
+    plan: ImagePlan | None = None  # image inputs
 
 
 @dataclass
@@ -107,31 +137,58 @@ class Records:
 
     def __init__(self, manifest_out: Path | None, stdout: TextIO | None):
         self.lock = threading.Lock()
-        self.file = open(manifest_out, "a", encoding="utf-8") if manifest_out else None  # noqa: SIM115
+        try:
+            self.file = open(manifest_out, "a", encoding="utf-8") if manifest_out else None  # noqa: SIM115
+            if self.file is not None and self.file.tell() and _last_byte(manifest_out) != b"\n":
+                self.file.write("\n")  # a run killed mid-record left a partial line: start a fresh one
+        except OSError as e:
+            raise InputError(f"--manifest-out {manifest_out}: cannot open for appending ({e.strerror or e})") from e
         self.stdout = stdout
         self.counts = {"ok": 0, "skipped": 0, "failed": 0}
+        self.lost = 0  # records that could not be written (disk full): the run must not exit 0
 
     def emit(self, spec: InputSpec, status: str, outputs: list[Path], seconds: float, error: str | None) -> None:
-        line = json.dumps({"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
-                           "seconds": round(seconds, 3), "error": error}, ensure_ascii=False)
+        record = {"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
+                  "seconds": round(seconds, 3), "error": error}
+        line = json.dumps(record, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes of a file name: \udcXX escapes keep the JSON exact
+            line = json.dumps(record)
         with self.lock:
             self.counts[status] += 1
             for f in (self.file, self.stdout):
                 if f is not None:
-                    f.write(line + "\n")
-                    f.flush()
+                    try:
+                        f.write(line + "\n")
+                        f.flush()
+                    except OSError as e:  # a full disk must not take the run (and every later record) down
+                        if not self.lost:
+                            print(f"error: cannot write records ({e.strerror or e}); the run will exit 1",
+                                  file=sys.stderr)
+                        self.lost += 1
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                self.lost += 1
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def run(job: DecodeJob) -> int:
     """Decode everything `job` names; returns the process exit code."""
     check_template(job.template)
+    _check_baseline_options(job)
     check_writable(job.out)  # before any GPU work
     clean_partials(job.out)
-    specs = collect_inputs(job.inputs, recursive=job.recursive, allow_images=False)
+    specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
     if job.shard is not None:
         specs = take_shard(specs, *job.shard)
     records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
@@ -149,7 +206,81 @@ def run(job: DecodeJob) -> int:
         records.close()
     if stop.is_set():
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if records.counts["failed"] else EXIT_OK
+    return EXIT_FAILED if records.counts["failed"] or records.lost else EXIT_OK
+
+
+def _check_baseline_options(job: DecodeJob) -> None:
+    """--compare/--color-fix need the backbone VAE's decoder: refuse them up front where there is none."""
+    if job.color_fix not in COLOR_FIX_METHODS:
+        raise InputError(f"--color-fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {job.color_fix!r}")
+    if job.compare or job.color_fix != "none":
+        flag = "--compare" if job.compare else "--color-fix"
+        try:
+            vae_kind(job.entry)
+        except ValueError as e:
+            raise InputError(f"{flag} needs the {job.entry.backbone} VAE decoder: {e}") from None
+
+
+def vae_kind(entry: Entry) -> str:
+    """The codec kind of the entry's VAE; VAEError where pid has no encoder/decoder for it (RAE/SigLIP).
+    Imports pid_cli.vae (and diffusers, seconds) only here: latent-only runs never pay for it."""
+    from pid_cli.vae import VAEError, resolve_kind
+
+    if entry.vae is None:
+        raise VAEError(f"registry entry {entry.id} names no VAE")
+    return resolve_kind(entry.vae.format)
+
+
+def _drop_earlier_outputs(specs: list[InputSpec], job: DecodeJob) -> list[InputSpec]:
+    """Images that a folder or glob finds inside --out are left out: they are most likely earlier outputs
+    (`pid decode dir --out dir` would otherwise decode its own PNGs on a rerun). Named files still count."""
+    root = job.out.resolve()
+    expanded = lambda s: s.source not in ("command line", "stdin") and not s.source.endswith(".jsonl")
+    earlier = lambda s: s.is_image and expanded(s) and root in s.path.resolve().parents
+    keep = [s for s in specs if not earlier(s)]
+    if len(keep) < len(specs):
+        job.warn(f"left out {len(specs) - len(keep)} image(s) inside the output folder {job.out} (earlier "
+                 "outputs?); name them explicitly to decode them")
+    return keep
+
+
+def probe_input(job: DecodeJob, spec: InputSpec) -> Probe:
+    """Read and validate one input (CPU only): how many images it yields and their latent shape."""
+    if not spec.is_image:
+        latent, meta = load_latent(job, spec)
+        return Probe(latent.shape[0], (latent.shape[1], latent.shape[2], latent.shape[3]), meta)
+    try:
+        vae_kind(job.entry)
+    except ValueError as e:  # VAEError: RAE/SigLIP encoders are not supported yet
+        raise InputError(f"{spec.path}: {e}") from None
+    if spec.degrade_sigma:
+        raise InputError(f"{spec.path}: degrade_sigma applies to stored latents; an encoded image is clean "
+                         "(sigma 0)")
+    _, info = read_image(spec.path)  # the whole file: a corrupt image fails here, not mid-run
+    fit_to = _fit_candidates(job) if job.fit else None
+    plan = plan_image(job.entry, spec.path, info.width, info.height, fit_to)
+    f = job.entry.latent.vae_factor
+    if max(plan.width, plan.height) > MAX_LATENT_SIDE * f:  # the limit stored latents have (latents.py)
+        raise InputError(f"{spec.path}: a {plan.width}x{plan.height} image would decode to "
+                         f"{plan.width * job.entry.sr_scale}x{plan.height * job.entry.sr_scale}; use --fit to "
+                         "resize it onto a trained size")
+    return Probe(1, (job.entry.latent.channels, plan.height // f, plan.width // f), {}, plan)
+
+
+def _fit_candidates(job: DecodeJob) -> list[tuple[int, int]]:
+    sizes = fit_sizes(job.entry, TARGET_LONG_SIDE[job.target] if job.target else None)
+    if not sizes:
+        raise InputError(f"--fit: {job.entry.id} lists no trained output sizes"
+                         + (f" for --target {job.target}" if job.target else ""))
+    return sizes
+
+
+def load_source(job: DecodeJob, item: Item) -> Tensor:
+    """What the worker needs for all items of `item`'s input: latents [B, C, h, w] as given, or the
+    preprocessed image [1, 3, H, W] in [−1, 1] (encoded on the worker's device)."""
+    if item.plan is not None:
+        return load_image(job.entry, item.spec.path, item.plan)[None]
+    return load_latent(job, item.spec)[0]
 
 
 def load_latent(job: DecodeJob, spec: InputSpec) -> tuple[Tensor, dict[str, Any]]:
@@ -168,6 +299,7 @@ class _Session:
         self.items: list[Item] = []
         self.states: dict[Path, InputState] = {}
         self.text: dict[str, Tensor] = {}
+        self.vae_path: Path | None = None  # the backbone VAE file, when images or baselines need it
         self.lock = threading.Lock()
         self.failed_fast = threading.Event()
 
@@ -182,35 +314,43 @@ class _Session:
         claimed: dict[Path, InputSpec] = {}
         warned: set[tuple[int, int]] = set()
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            loaded = pool.map(lambda spec: _attempt(load_latent, self.job, spec), specs)
-            for spec, (result, error) in zip(specs, loaded, strict=True):
+            loaded = pool.map(lambda spec: _attempt(probe_input, self.job, spec), specs)
+            for spec, (probe, error) in zip(specs, loaded, strict=True):
                 if self.failed_fast.is_set() or self.stop.is_set():
                     break
                 if error is None:
-                    error = _attempt(self._plan_input, spec, *result, claimed, warned)[1]
+                    error = _attempt(self._plan_input, spec, probe, claimed, warned)[1]
                 if error is not None:
                     self.fail(spec, error)
 
-    def _plan_input(self, spec: InputSpec, latent: Tensor, meta: dict[str, Any], claimed: dict[Path, InputSpec],
+    def _plan_input(self, spec: InputSpec, probe: Probe, claimed: dict[Path, InputSpec],
                     warned: set[tuple[int, int]]) -> None:
         job = self.job
         outputs = [safe_output_path(job.out, name, str(spec.path))
-                   for name in output_names(spec, latent.shape[0], job.template)]
-        for out in outputs:
+                   for name in output_names(spec, probe.count, job.template)]
+        for out in (f for o in outputs for f in self.files_of(o)):
             if out in claimed:
                 raise InputError(f"{spec.path} and {claimed[out].path} would both write {out}; "
                                  "change --name (e.g. '{dir}/{name}.png')")
+            if out.resolve() == spec.path.resolve():
+                raise InputError(f"{spec.path}: the output would overwrite its own input; choose another --out")
+            if out.exists() and not out.is_file():
+                raise InputError(f"{spec.path}: the output {out} exists and is not a file")
             claimed[out] = spec
-        _check_size(job, spec, (latent.shape[-2], latent.shape[-1]), warned)
-        sigma = _sigma(job, spec, meta)
+        _check_size(job, spec, probe.shape[1:], warned)
+        sigma = 0.0 if spec.is_image else _sigma(job, spec, probe.meta)  # an encoded image is a clean latent
         training_sigma(sigma, job.entry.latent.sigma_frame)  # validates the range now, not mid-run
-        todo = [i for i, p in enumerate(outputs) if job.overwrite or not p.exists()]
+        todo = [i for i, p in enumerate(outputs) if job.overwrite or not all(f.exists() for f in self.files_of(p))]
         if not todo:
             self.records.emit(spec, "skipped", outputs, 0.0, None)
             return
         self.states[spec.path] = InputState(spec, outputs, len(todo), time.time())
-        shape = (latent.shape[1], latent.shape[2], latent.shape[3])
-        self.items += [Item(spec, i, shape, outputs[i], sigma, job.seed + i, _meta_prompt(meta)) for i in todo]
+        self.items += [Item(spec, i, probe.shape, outputs[i], sigma, job.seed + i, _meta_prompt(probe.meta),
+                            probe.plan) for i in todo]
+
+    def files_of(self, output: Path) -> list[Path]:
+        """Every file one item writes: its PNG, plus NAME.vae.png and NAME.compare.png with --compare."""
+        return [output, *baseline_paths(output)] if self.job.compare else [output]
 
     # -- prompts: resolved per input, embedded once per unique prompt, Gemma freed after --
 
@@ -246,6 +386,8 @@ class _Session:
 
     def decode_all(self) -> None:
         job = self.job
+        if self.baselines or any(item.plan is not None for item in self.items):
+            self.vae_path = _vae_weights(job)  # fetched here, before the decoders load: a missing file stops early
         decoders = _load_decoders(job)
         scale = job.entry.latent.vae_factor * job.entry.sr_scale
         batch_size = job.batch_size or min(auto_batch_size(d.device, self.items[0].shape, scale) for d in decoders)
@@ -271,20 +413,28 @@ class _Session:
             for _ in decoders:
                 ready.put(None)
 
-        with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as writers:
+        n_writers = max(2, min(8, os.cpu_count() or 2))
+        # Baseline items carry float images (~150 MB at 4K) to the writers: bound how many wait there.
+        baseline_slots = threading.BoundedSemaphore(2 * n_writers)
+        with ThreadPoolExecutor(max_workers=n_writers) as writers:
             written: list[Future] = []
 
             def worker(decoder: Decoder) -> None:
+                codec = _DeviceCodec(job, decoder.device, self.vae_path)
                 while (task := ready.get()) is not None:
-                    batch, latents, sigmas, error = task
+                    batch, sources, sigmas, error = task
                     if error is not None or halted():
                         for item in batch:
                             self.finish(item, error or "interrupted", progress)
                         continue
-                    for sub, images in self._decode_with_retry(decoder, batch, latents, sigmas):
+                    for sub, images in self._decode_with_retry(decoder, codec, batch, sources, sigmas):
                         for item, pixels in zip(sub, images, strict=True):
                             if isinstance(pixels, str):
                                 self.finish(item, pixels, progress)
+                            elif isinstance(pixels, Baseline):
+                                baseline_slots.acquire()
+                                written.append(writers.submit(self.write_baseline, item, pixels, progress,
+                                                              baseline_slots))
                             else:
                                 written.append(writers.submit(self.write, item, pixels, progress))
 
@@ -298,34 +448,70 @@ class _Session:
                 f.result()
         progress.close()
 
-    def _load_batch(self, batch: list[Item], cache: dict[Path, Tensor]) -> tuple[Tensor, list[float]]:
-        latents, sigmas = [], []
+    @property
+    def baselines(self) -> bool:
+        """Whether items are also decoded by the VAE (for --compare or --color-fix)."""
+        return self.job.compare or self.job.color_fix != "none"
+
+    def _load_batch(self, batch: list[Item], cache: dict[Path, Tensor]) -> tuple[list[Tensor], list[float]]:
+        """Per item: its latent [C, h, w] as given, or its preprocessed image [3, H, W]; and its sigma."""
+        sources = []
         for item in batch:
             if item.spec.path not in cache:
-                cache[item.spec.path] = load_latent(self.job, item.spec)[0]
-            latent, sigma = to_training_frame(cache[item.spec.path][item.index], item.sigma,
-                                              self.job.entry.latent.sigma_frame)
-            latents.append(latent)
-            sigmas.append(sigma)
-        return torch.stack(latents), sigmas
+                cache[item.spec.path] = load_source(self.job, item)
+            sources.append(cache[item.spec.path][item.index])
+        return sources, [item.sigma for item in batch]
 
-    def _decode_with_retry(self, decoder: Decoder, batch: list[Item], latents: Tensor,
+    def _decode_with_retry(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
                            sigmas: list[float]) -> Iterator[tuple[list[Item], list]]:
         """Decode a batch; on out-of-memory split it in halves down to single images."""
         try:
-            text = torch.stack([self.text[item.prompt] for item in batch])
-            images = decoder.decode_tensor(latents, text, sigmas, [i.seed for i in batch], self.job.steps)
-            yield batch, list(to_uint(images, self.job.bit_depth))
+            results = self._decode_batch(decoder, codec, batch, sources, sigmas)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(batch) == 1:
                 yield batch, [f"{batch[0].spec.path}: out of GPU memory even at batch size 1"]
                 return
             half = len(batch) // 2
-            yield from self._decode_with_retry(decoder, batch[:half], latents[:half], sigmas[:half])
-            yield from self._decode_with_retry(decoder, batch[half:], latents[half:], sigmas[half:])
+            yield from self._decode_with_retry(decoder, codec, batch[:half], sources[:half], sigmas[:half])
+            yield from self._decode_with_retry(decoder, codec, batch[half:], sources[half:], sigmas[half:])
+            return
         except Exception as e:  # one bad batch must not end a farm run
             yield batch, [f"{item.spec.path}: decode failed ({type(e).__name__}: {e})" for item in batch]
+            return
+        yield batch, results
+
+    def _decode_batch(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
+                      sigmas: list[float]) -> list:
+        """Encode the batch's images, decode everything with PiD and, for baselines, with the VAE too.
+
+        Returns per item PNG-ready pixels [H, W, 3] (uint8/16), or a `Baseline` for the writer to finish.
+        """
+        job = self.job
+        latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given
+        frame = [to_training_frame(z, s, job.entry.latent.sigma_frame) for z, s in zip(latents, sigmas, strict=True)]
+        text = torch.stack([self.text[item.prompt] for item in batch])
+        images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
+                                       [i.seed for i in batch], job.steps)  # [B, 3, H, W] in [-1, 1]
+        blank = _non_finite(batch, images)  # NaN/Inf would be written as a black PNG: fail those items instead
+        if not self.baselines:
+            return _mask(list(to_uint(images, job.bit_depth)), blank)
+        vae = codec.get().decode(latents).cpu()  # [B, 3, H/sr, W/sr]: the backbone's own decode of each latent
+        images = images.float().cpu()
+        return _mask([Baseline(pid, ref, src.float() if item.plan is not None else None)
+                      for item, pid, ref, src in zip(batch, images, vae, sources, strict=True)], blank)
+
+    def _latents(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor]) -> Tensor:
+        """[B, C, h, w] float32 on the decoder's device. Image items are VAE-encoded here, on the worker's
+        device, all in one call (a batch has one latent shape, so its images share one size)."""
+        latents: list[Tensor | None] = [None if item.plan is not None else src.to(decoder.device, torch.float32)
+                                        for item, src in zip(batch, sources, strict=True)]
+        picks = [i for i, z in enumerate(latents) if z is None]
+        if picks:
+            encoded = codec.get().encode(torch.stack([sources[i] for i in picks])).float()  # [n, C, h, w]
+            for i, z in zip(picks, encoded.to(decoder.device), strict=True):
+                latents[i] = z
+        return torch.stack(latents)
 
     def write(self, item: Item, pixels, progress: _Progress) -> None:
         try:
@@ -333,9 +519,40 @@ class _Session:
             write_atomic(item.output, encode_png(pixels, text), overwrite=self.job.overwrite)
             self.finish(item, None, progress)
         except OutputExists:
-            self.finish(item, None, progress)  # another process wrote it: the file is complete either way
+            if item.output.is_file():
+                self.finish(item, None, progress)  # another process wrote it: the file is complete either way
+            else:
+                self.finish(item, f"{item.output}: exists and is not a file", progress)
         except OSError as e:
             self.finish(item, f"{item.output}: cannot write ({e.strerror or e})", progress)
+        except Exception as e:  # e.g. PNG metadata that cannot be encoded: fail this image, not the run
+            self.finish(item, f"{item.output}: cannot write ({type(e).__name__}: {e})", progress)
+
+    def write_baseline(self, item: Item, baseline: Baseline, progress: _Progress,
+                       slots: threading.BoundedSemaphore) -> None:
+        """Colour-fix and write the PiD output, plus NAME.vae.png and NAME.compare.png with --compare."""
+        job = self.job
+        path = item.output
+        try:
+            out = render(baseline, job.color_fix, job.compare)
+            text = _png_text(job, item) if job.metadata else None
+            files = [(item.output, to_uint(out.pid[None], job.bit_depth)[0], text)]
+            if out.vae is not None:
+                vae_path, strip_path = baseline_paths(item.output)
+                files.append((vae_path, to_uint(out.vae[None], job.bit_depth)[0], text and _baseline_text(
+                    job, item, f"{job.entry.backbone} VAE decode, Lanczos-upscaled x{job.entry.sr_scale}")))
+                files.append((strip_path, to_uint(out.strip[None], 8)[0],
+                              text and _baseline_text(job, item, f"side by side: {out.labels}")))
+            for path, pixels, meta in files:
+                with contextlib.suppress(OutputExists):  # written by an earlier run or another process: complete
+                    write_atomic(path, encode_png(pixels, meta), overwrite=job.overwrite)
+            self.finish(item, None, progress)
+        except OSError as e:
+            self.finish(item, f"{path}: cannot write ({e.strerror or e})", progress)
+        except Exception as e:  # a failed colour fix or strip fails this item only
+            self.finish(item, f"{item.spec.path}: baseline failed ({type(e).__name__}: {e})", progress)
+        finally:
+            slots.release()
 
     def finish(self, item: Item, error: str | None, progress: _Progress) -> None:
         with self.lock:
@@ -365,6 +582,19 @@ def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
         return fn(*args), None
     except (LatentError, InputError, ValueError, OSError, RuntimeError) as e:
         return None, str(e)
+    except (ArithmeticError, MemoryError, RecursionError) as e:  # what else a hostile file can cause
+        return None, f"{args[-1].path if isinstance(args[-1], InputSpec) else ''}: {type(e).__name__}: {e}"
+
+
+def _non_finite(batch: list[Item], images: Tensor) -> dict[int, str]:
+    """Errors for the items whose decoded pixels hold NaN or Inf (an overflowing latent, a broken checkpoint)."""
+    finite = torch.isfinite(images.flatten(1)).all(1).tolist()
+    return {i: f"{item.spec.path}: the decoder produced NaN/Inf pixels{f' (item {item.index})' if item.index else ''}"
+               "; nothing was written" for i, (item, ok) in enumerate(zip(batch, finite, strict=True)) if not ok}
+
+
+def _mask(results: list, errors: dict[int, str]) -> list:
+    return [errors.get(i, r) for i, r in enumerate(results)]
 
 
 def _meta_prompt(meta: dict[str, Any]) -> str:
@@ -380,8 +610,9 @@ def _sigma(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> float:
             continue
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{spec.path}: degrade_sigma from {where} is {value!r}, expected a number") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{spec.path}: degrade_sigma from {where} is {str(value)[:100]!r}, expected a "
+                             "number") from None
     return 0.0
 
 
@@ -397,7 +628,10 @@ def _check_size(job: DecodeJob, spec: InputSpec, latent_hw: tuple[int, int], war
         if not lo <= max(h, w) < hi:
             fits = [t for t, (a, b) in TARGET_LONG_SIDE.items() if a <= max(h, w) < b]
             hint = f"use --target {fits[0]}" if fits else "no target fits this size"
-            raise InputError(f"{spec.path}: this latent decodes to {w}x{h}, not a {job.target} image; {hint} "
+            if spec.is_image and not job.fit:
+                hint += f", or --fit to resize it onto a {job.target} size"
+            what = "image" if spec.is_image else "latent"
+            raise InputError(f"{spec.path}: this {what} decodes to {w}x{h}, not a {job.target} image; {hint} "
                              "(or name a --variant to decode it anyway)")
     if (h, w) not in warned and not in_trained_sizes(job.entry, w, h):
         warned.add((h, w))
@@ -439,17 +673,80 @@ def auto_batch_size(device: torch.device, shape: tuple[int, int, int], scale: in
     return max(1, min(16, int(free * 0.8) // per_image))
 
 
+class _DeviceCodec:
+    """The backbone VAE on one device worker's device, loaded when that worker first needs it (its first
+    image to encode or baseline to decode); a VAE that fails to load fails each batch that needs it."""
+
+    def __init__(self, job: DecodeJob, device: torch.device, weights: Path | None):
+        self.job, self.device, self.weights = job, device, weights
+        self.codec: LatentCodec | None = None
+        self.error: ValueError | None = None
+
+    def get(self) -> LatentCodec:
+        if self.codec is None and self.error is None:
+            try:
+                self.codec = load_vae(self.job.entry, self.weights, self.device, self.job.dtype)
+            except ValueError as e:  # VAEError: unreadable or mismatched file
+                self.error = e
+        if self.error is not None:
+            raise self.error
+        return self.codec
+
+
+def load_vae(entry: Entry, weights: Path | None, device: torch.device, dtype: str | None = None) -> LatentCodec:
+    """The entry's VAE as a codec that must produce exactly the latents its decoder takes.
+
+    `vae.options.model_overrides` in the registry entry changes the shipped model config (a fine-tuned
+    VAE of another width; the tests' tiny VAE)."""
+    from pid_cli.vae import VAEError, load_codec
+
+    if weights is None:
+        raise VAEError(f"{entry.id}: no VAE weight file was resolved")
+    overrides = entry.vae.options.get("model_overrides") if entry.vae else None
+    codec = load_codec(vae_kind(entry), weights, device, {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype),
+                       overrides=overrides)
+    if (codec.channels, codec.factor) != (entry.latent.channels, entry.latent.vae_factor):
+        raise VAEError(f"{weights}: this VAE makes {codec.channels}-channel latents at 1/{codec.factor} size; "
+                       f"{entry.id} decodes {entry.latent.channels}-channel latents at 1/{entry.latent.vae_factor}")
+    return codec
+
+
+def _vae_weights(job: DecodeJob) -> Path:
+    """The entry's VAE file: from the CLI's loader, else fetched and verified like the decoder."""
+    if job.vae_weights is not None:
+        return job.vae_weights()
+    from pid_cli import hub
+
+    return hub.ensure_files(job.entry, vae=True, text_encoder=False).vae["weights"]
+
+
 def _load_decoders(job: DecodeJob) -> list[Decoder]:
+    def load(device: torch.device) -> Decoder:
+        try:
+            return Decoder(job.entry, job.weights, device=device, dtype=job.dtype, text_encoder=job.text_encoder)
+        except TypeError as e:  # a registry net_config the network does not take: a configuration error
+            raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
+
     with ThreadPoolExecutor(max_workers=len(job.devices)) as pool:
-        return list(pool.map(lambda d: Decoder(job.entry, job.weights, device=d, dtype=job.dtype,
-                                               text_encoder=job.text_encoder), job.devices))
+        return list(pool.map(load, job.devices))
 
 
 def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
     source = f"{item.spec.path}" + (f"[{item.index}]" if item.index else "")
-    return {"Software": f"pid {__version__}", "pid:backbone": job.entry.backbone, "pid:variant": job.entry.variant,
+    text = {"Software": f"pid {__version__}", "pid:backbone": job.entry.backbone, "pid:variant": job.entry.variant,
             "pid:checkpoint": f"{job.entry.id} ({job.weights.name})", "pid:seed": str(item.seed),
             "pid:steps": str(job.steps), "pid:degrade_sigma": f"{item.sigma:g}", "pid:prompt": item.prompt,
+            "pid:source": source}
+    if item.plan is not None:
+        text["pid:preprocess"] = item.plan.note
+    if job.color_fix != "none":
+        text["pid:color_fix"] = f"{job.color_fix} (reference: {job.entry.backbone} VAE decode)"
+    return text
+
+
+def _baseline_text(job: DecodeJob, item: Item, what: str) -> dict[str, str]:
+    source = f"{item.spec.path}" + (f"[{item.index}]" if item.index else "")
+    return {"Software": f"pid {__version__}", "pid:baseline": what, "pid:pid_output": item.output.name,
             "pid:source": source}
 
 
