@@ -207,6 +207,25 @@ def convert(
                f"wrote {report.output} ({hub.format_size(report.output.stat().st_size)})")
 
 
+@app.command()
+def doctor(
+    timing: Annotated[bool, typer.Option("--timing/--no-timing", help="On a GPU, time a full-size decode.")] = True,
+) -> None:
+    """Check the install: torch/CUDA/attention backend, upstream parity on a bundled fixture,
+    weights on disk, and (on a GPU) the expected decode speed. Exit 1 if a check fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pid_cli.doctor import run
+
+    table = Table("check", "", "detail")
+    rows = run(time_gpu=timing)
+    for name, ok, detail in rows:
+        table.add_row(name, {True: "[green]ok[/]", False: "[red]FAIL[/]", None: ""}[ok], detail)
+    Console().print(table)
+    raise typer.Exit(1 if any(ok is False for _, ok, _ in rows) else 0)
+
+
 def _parse_devices(text: str | None) -> list:
     import torch
 

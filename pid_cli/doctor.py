@@ -1,0 +1,113 @@
+"""`pid doctor`: is this install able to decode, and how fast?
+
+Checks the software stack, replays a bundled upstream parity fixture (a tiny random-weight v1.5
+network in the released on-disk format, with upstream's forward output and 4-step trace) through
+the real loader and sampler, lists the weights on disk, and on a GPU times a full-size decode.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from pid_cli import __version__
+
+FIXTURE = Path(str(files("pid_cli") / "data" / "parity"))
+
+
+def check_parity(device: torch.device) -> tuple[bool, str]:
+    """Upstream's golden tensors through `load_weights` + `PiDNet` + `sample`, in float32."""
+    from safetensors.torch import load_file
+
+    from pid_cli.model import PiDNet, load_weights
+    from pid_cli.sampler import sample
+
+    cfg = json.loads((FIXTURE / "config.json").read_text())["tiny_net_config"]
+    fx = {k: v.float().to(device) for k, v in load_file(FIXTURE / "fixture.safetensors").items()}
+    net = load_weights(PiDNet(**cfg).eval(), FIXTURE / "model_ema_bf16.pth").to(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            out = net(fx["x"], fx["t"], fx["y"], fx["lq_latent"], fx["degrade_sigma"])
+            chain = sample(net, fx["chain_x_0"], fx["chain_y"], fx["chain_lq_latent"], fx["chain_degrade_sigma"],
+                           eps=[fx[f"chain_eps_{i}"] for i in (1, 2, 3)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    rel = ((out - fx["out"]).norm() / fx["out"].norm()).item()
+    chain_err = (chain - fx["chain_sample"]).abs().max().item()
+    ok = rel <= 1e-5 and chain_err <= 2e-4
+    return ok, f"forward relative L2 {rel:.1e} (bound 1e-5), 4-step sample max |Δ| {chain_err:.1e} (bound 2e-4)"
+
+
+def time_decode(entry, device: torch.device, size: int = 2048) -> str:
+    """Seconds per full-size decode (random weights, bf16, eager: the compiled path is faster)."""
+    from pid_cli.model import PiDNet
+    from pid_cli.model.layers import fast_attention
+    from pid_cli.sampler import draw_noise, sample
+
+    with torch.device("meta"):
+        net = PiDNet(**entry.net_config)
+    net = net.to_empty(device=device).eval().requires_grad_(False)
+    for name, p in net.named_parameters():
+        p.data.fill_(1.0) if "norm" in name or p.dim() == 0 else p.data.normal_(0, 0.02)
+    net.to_inference_dtype(torch.bfloat16)
+    scale = entry.latent.vae_factor * entry.sr_scale
+    y = torch.randn(1, 300, entry.net_config["txt_embed_dim"], device=device)
+    lq = torch.randn(1, entry.latent.channels, size // scale, size // scale, device=device)
+    times = []
+    for _ in range(3):
+        gen = torch.Generator(device=device).manual_seed(0)
+        noise = draw_noise((1, 3, size, size), gen, device)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), fast_attention():
+            sample(net, noise, y, lq, torch.zeros(1, device=device), generator=gen)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    best = min(times[1:])
+    return (f"{entry.id} at {size}²: {best:.2f} s/image eager ({1 / best:.2f} images/s); "
+            "`pid decode` compiles the blocks and runs faster")
+
+
+def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
+    """(check, passed (None: information), detail) rows."""
+    rows: list[tuple[str, bool | None, str]] = [("pid", None, __version__), ("torch", None, torch.__version__)]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda:0" if cuda else "cpu")
+    if cuda:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        rows.append(("GPUs", None, ", ".join(names)))
+        rows.append(("bf16", torch.cuda.is_bf16_supported(), "supported" if torch.cuda.is_bf16_supported()
+                     else "not supported: use --dtype fp32"))
+        rows.append(("cuDNN attention", torch.backends.cuda.cudnn_sdp_enabled(),
+                     "enabled (preferred)" if torch.backends.cuda.cudnn_sdp_enabled() else
+                     "disabled: flash/efficient SDPA will be used (slower)"))
+    else:
+        rows.append(("GPUs", None, "none: decoding runs on the CPU in fp32 (slow at 2K/4K)"))
+    try:
+        ok, detail = check_parity(device)
+    except Exception as e:  # the point of doctor is to report, not to crash
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    rows.append((f"upstream parity ({device.type})", ok, detail))
+    try:
+        from pid_cli import hub
+        from pid_cli.registry import load_registry
+
+        reg = load_registry()
+        records = hub.list_records(reg, hub.Settings.from_env(None, offline=True))
+        on_disk = [f"{r['backbone']} {r['variant']}" for r in records if r["on_disk"]["decoder"]]
+        rows.append(("weights on disk", None, ", ".join(on_disk) or "none yet (`pid download --variant 2kto4k`)"))
+    except Exception as e:
+        reg = None
+        rows.append(("registry", False, f"{type(e).__name__}: {e}"))
+    if cuda and time_gpu and reg is not None:
+        try:
+            rows.append(("full-size decode", None, time_decode(reg.resolve("flux2", "2kto4k"), device)))
+        except Exception as e:
+            rows.append(("full-size decode", False, f"{type(e).__name__}: {e}"))
+    return rows
