@@ -271,7 +271,7 @@ class PiDNet(nn.Module):
 
     def compile_blocks(self, **options) -> PiDNet:
         """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the
-        chunked PiT halves, the gates, the pixel embedding and the final layer); the loops
+        chunked PiT halves and their attention, the gates, the pixel embedding and the final layer); the loops
         between them stay eager. Shapes are static, so a new output size compiles once and every
         later image of that size reuses it."""
         options = {"dynamic": False, **options}
@@ -284,6 +284,7 @@ class PiDNet(nn.Module):
             block.forward = torch.compile(block.forward, **options)
         for block in self.pixel_blocks:
             block.pre = torch.compile(block.pre, **options)
+            block.attend = torch.compile(block.attend, **options)
             block.post = torch.compile(block.post, **options)
         for gate in [*self.lq_proj.gate_modules, *([self.pit_lq_gate] if self.pit_lq_gate else [])]:
             gate.forward = torch.compile(gate.forward, **options)
@@ -360,7 +361,8 @@ class PiDNet(nn.Module):
         n = b * gh * gw
         chunks = [slice(i, min(i + self.pixel_chunk, n)) for i in range(0, n, self.pixel_chunk)]
         rgb = x.view(b, 3, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, 3)  # [B·L, P², 3]
-        xp = torch.cat([self._embed_pixels(rgb[sl], sl, cond) for sl in chunks])  # [B·L, P², C] fp32
+        token_ids = torch.arange(n, device=x.device) % (gh * gw)  # position of each token in its image
+        xp = torch.cat([self._embed_pixels(rgb[sl], token_ids[sl], cond) for sl in chunks])  # [B·L, P², C] fp32
         for block in self.pixel_blocks:
             tokens = torch.cat([block.pre(xp[sl], s_cond[sl]) for sl in chunks])  # [B·L, attn_dim]
             attended = block.attend(tokens, b, cond.rope_pix)
@@ -370,10 +372,10 @@ class PiDNet(nn.Module):
         out = torch.cat([self.final_layer(xp[sl]) for sl in chunks])  # [B·L, P², 3]
         return out.view(b, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, height, width)
 
-    def _embed_pixels(self, rgb: Tensor, tokens: slice, cond: Conditioning) -> Tensor:
-        """Linear(3→C) of each pixel plus the sin-cos embedding of its full-image position."""
-        p, (gh, gw) = self.patch_size, cond.grid
-        idx = torch.arange(tokens.start, tokens.stop, device=rgb.device) % (gh * gw)
+    def _embed_pixels(self, rgb: Tensor, idx: Tensor, cond: Conditioning) -> Tensor:
+        """Linear(3→C) of each pixel plus the sin-cos embedding of its full-image position.
+        rgb [n, P², 3] pixels of n patch tokens whose grid positions are idx [n]."""
+        p, gw = self.patch_size, cond.grid[1]
         offsets = torch.arange(p, device=rgb.device)
         rows = (idx // gw)[:, None] * p + offsets  # [n, P] pixel rows of each token
         cols = (idx % gw)[:, None] * p + offsets
