@@ -295,11 +295,12 @@ class PiDNet(nn.Module):
     def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:
         """Cast matmul/conv weights to `dtype`; keep norms, gates' log_alpha and the text
         position table in fp32 (upstream uses them in fp32 arithmetic). bf16 here reproduces
-        upstream's fp32-weights-under-bf16-autocast flow, with half the weight memory."""
-        self.float()
+        upstream's fp32-weights-under-bf16-autocast flow, with half the weight memory. Each
+        parameter is cast once, straight to its target (a bf16 file never passes through fp32)."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.to(dtype)
+            target = dtype if isinstance(module, (nn.Linear, nn.Conv2d)) else torch.float32
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(target)
         return self
 
     def condition(self, y: Tensor, lq_latent: Tensor | None, degrade_sigma: Tensor, height: int,
