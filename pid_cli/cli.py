@@ -354,6 +354,7 @@ def decode(
     from pid_cli import hub
     from pid_cli.inputs import InputError, parse_shard, shard_from_env
     from pid_cli.latents import FORMATS, parse_size
+    from pid_cli.outputs import check_writable
     from pid_cli.registry import RegistryError, load_registry
     from pid_cli.runner import EXIT_USAGE, DecodeJob, run
 
@@ -374,6 +375,7 @@ def decode(
     try:
         reg = load_registry(registry or [])
         entry = reg.resolve(backbone, variant, target)
+        check_writable(out)  # a read-only --out fails before a download, let alone GPU work
         files = hub.ensure_files(entry, vae=False, text_encoder=False)
         job = DecodeJob(
             inputs=inputs, out=out, entry=entry, weights=files.weights, template=name,

@@ -515,9 +515,25 @@ def fetch(item: PlanItem, settings: Settings) -> Path:
         return _fetch_repo(item, settings)
     ref: FileRef = item.ref  # type: ignore[assignment]
     assert ref.repo is not None
-    path = _download_one(ref.repo, ref.path, ref.revision, settings)
-    verify_file(path, item.describe(), ref, (item.remote or {}).get(ref.path))
-    return path
+    return _download_verified(ref.repo, ref.path, ref.revision, settings, item.describe(), ref,
+                              (item.remote or {}).get(ref.path), cached=item.on_disk is not None)
+
+
+def _download_verified(repo: str, path: str, revision: str, settings: Settings, what: str,
+                       ref: FileRef | None = None, remote: RemoteFile | None = None, *, cached: bool) -> Path:
+    """Download (or find in the cache) and verify one file. A `cached` copy that fails the check (truncated,
+    corrupted on disk) is deleted by the check and fetched once more, never loaded; a fresh download that
+    fails raises."""
+    local = _download_one(repo, path, revision, settings)
+    try:
+        verify_file(local, what, ref, remote)
+    except VerificationError:
+        if not cached or local.exists():  # a fresh download, or the registry and the Hub disagree: no retry
+            raise
+        print_notice(f"{what}: the copy on disk failed its size/hash check and was deleted; downloading it again")
+        local = _download_one(repo, path, revision, settings)
+        verify_file(local, what, ref, remote)
+    return local
 
 
 def _fetch_repo(item: PlanItem, settings: Settings) -> Path:
@@ -532,8 +548,8 @@ def _fetch_repo(item: PlanItem, settings: Settings) -> Path:
             raise
     folder: Path | None = None
     for rel, info in sorted(item.remote.items()):
-        path = _download_one(ref.repo, rel, ref.revision, settings)
-        verify_file(path, f"{ref.repo}/{rel}", remote=info)
+        path = _download_verified(ref.repo, rel, ref.revision, settings, f"{ref.repo}/{rel}", remote=info,
+                                  cached=item.on_disk is not None)
         folder = folder or path.parents[len(PurePosixPath(rel).parts) - 1]
     assert folder is not None
     manifest = _repo_manifest(folder)

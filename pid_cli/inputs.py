@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import string
 import sys
 from collections.abc import Iterable, Mapping
@@ -107,23 +108,38 @@ def read_manifest(path: Path) -> list[InputSpec]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON ({e.msg})") from e
+        except (ValueError, RecursionError) as e:  # integers beyond Python's digit limit, deep nesting
+            raise InputError(f"{where}: not usable JSON ({type(e).__name__}: {_short(str(e))})") from None
         if not isinstance(row, Mapping) or not isinstance(row.get("input"), str):
             raise InputError(f'{where}: expected an object with a string "input" field')
         unknown = set(row) - {"input", "prompt", "degrade_sigma", "output"}
         if unknown:
             raise InputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         sigma = row.get("degrade_sigma")
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))):
-            raise InputError(f'{where}: "degrade_sigma" must be a number, got {sigma!r}')
+        if sigma is not None:
+            try:  # NaN, Infinity, 1e999 and huge integers parse too
+                sigma = None if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) else float(sigma)
+            except OverflowError:
+                sigma = None
+            if sigma is None or not 0 <= sigma < float("inf"):
+                raise InputError(f'{where}: "degrade_sigma" must be a number (finite, >= 0), '
+                                 f'got {_short(row["degrade_sigma"])}')
         for field in ("prompt", "output"):
             if row.get(field) is not None and not isinstance(row[field], str):
                 raise InputError(f'{where}: "{field}" must be a string')
+        if "\0" in row["input"]:
+            raise InputError(f'{where}: "input" contains a NUL character')
+        output = row.get("output")  # checked per input, with the others, by safe_output_path
         file = Path(row["input"])
         file = file if file.is_absolute() else path.parent / file
-        if not file.is_file():
-            raise InputError(f"{where}: input {file} does not exist")
-        specs.append(InputSpec(file, prompt=row.get("prompt"), degrade_sigma=None if sigma is None else float(sigma),
-                               output=row.get("output"), source=str(path)))
+        try:
+            found = file.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise InputError(f"{where}: input {_short(str(file))} cannot be read ({e.strerror or e})") from e
+        if not found:
+            raise InputError(f"{where}: input {_short(str(file))} does not exist")
+        specs.append(InputSpec(file, prompt=row.get("prompt"), degrade_sigma=sigma, output=output,
+                               source=str(path)))
     return specs
 
 
@@ -178,6 +194,23 @@ def check_template(template: str) -> None:
                          f"available: {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
     if not template.lower().endswith(".png"):
         raise InputError(f"--name template {template!r} must end in .png")
+    for _, name, spec, _ in string.Formatter().parse(template):
+        widths = [int(d) for d in re.findall(r"\d+", spec or "")]
+        if name is not None and ("{" in (spec or "") or max(widths, default=0) > 64):
+            raise InputError(f"--name template {template!r}: format spec {spec!r} of {{{name}}} is not supported "
+                             "(no nested fields, widths up to 64)")
+    try:
+        template.format(stem="x", index=0, dir=".", name="x.pt")
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--name template {template!r} is malformed ({e})") from None
+
+
+def _short(value: object, limit: int = 200) -> str:
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except ValueError:  # an int beyond the digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def output_names(spec: InputSpec, count: int, template: str) -> list[str]:
@@ -196,11 +229,16 @@ def output_names(spec: InputSpec, count: int, template: str) -> list[str]:
 
 
 def safe_output_path(out_dir: Path, name: str, where: str) -> Path:
-    """`out_dir/name`, refusing names that would land outside `out_dir` (.., absolute, symlinks)."""
+    """`out_dir/name`, refusing names that would land outside `out_dir` (.., absolute, symlinks) and
+    names that are not a .png file."""
     if os.path.isabs(name):
-        raise InputError(f"{where}: output name {name!r} is absolute; names are relative to --out")
+        raise InputError(f"{where}: output name {_short(name)!r} is absolute; names are relative to --out")
+    if "\0" in name:
+        raise InputError(f"{where}: output name {_short(name)!r} contains a NUL character")
+    if not name.lower().endswith(".png") or os.path.basename(name).lower() == ".png":
+        raise InputError(f"{where}: output name {_short(name)!r} is not a .png file name")
     root = out_dir.resolve()
     target = (out_dir / name).resolve()
-    if target != root and root not in target.parents:
-        raise InputError(f"{where}: output name {name!r} leaves the output folder {out_dir}")
+    if root not in target.parents:  # outside, or the folder itself
+        raise InputError(f"{where}: output name {_short(name)!r} leaves the output folder {out_dir}")
     return out_dir / name

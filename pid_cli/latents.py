@@ -10,6 +10,7 @@ refuses anything it cannot place unambiguously, with an error naming the file.
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import Tensor
 
 from pid_cli.registry import Latent
@@ -32,6 +33,9 @@ FORMAT_HELP = ("pid: normalised spatial latent [B,C,h,w] (diffusers output_type=
                "raw: un-normalised VAE latent (ComfyUI .latent, vae.encode(), FLUX.2-klein's final output); "
                "auto: decide from the container and shape, refusing ambiguous cases")
 MAX_LATENT_SIDE = 1024  # 8192 px at ×8: larger is not an image anyone decodes in one pass
+MAX_LATENT_ABS = 1e4  # normalised latents are O(1); far larger values overflow the decoder into NaN
+MAX_UNPACKED_BYTES = 1 << 32  # what a compressed container (.npz, zipped .pt) may expand to
+_MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1; a member claiming more is lying
 
 
 class LatentError(ValueError):
@@ -65,48 +69,129 @@ def read_latent_file(path: str | Path, key: str | None = None) -> LatentFile:
             tensors, meta = _read_numpy(path)
     except LatentError:
         raise
-    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
-        raise LatentError(f"{path}: cannot read latent file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # parsers raise anything on hostile bytes (SafetensorError, tokenize.TokenError, …)
+        raise LatentError(f"{path}: cannot read latent file ({type(e).__name__}: {_clip(str(e))})") from e
     tensor = _pick(path, tensors, key)
     raw = suffix == ".latent"
-    if raw and "latent_format_version_0" not in meta:
-        tensor = tensor * (1.0 / 0.18215)  # ComfyUI's pre-2023 files stored SD-scaled latents
+    if raw and "latent_format_version_0" not in meta and tensor.is_floating_point():
+        tensor = tensor.float() * (1.0 / 0.18215)  # ComfyUI's pre-2023 files stored SD-scaled latents
     return LatentFile(path, tensor, meta, raw_container=raw)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # safetensors only opens UTF-8 paths: read undecodable names from memory
+        from safetensors.torch import load
+
+        data = path.read_bytes()
+        return load(data), safetensors_metadata(data)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     return tensors, meta
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's bytes (already validated by safetensors' own reader)."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_zip_budget(path: Path, zf: zipfile.ZipFile) -> None:
+    """Refuse an archive whose members would unpack to more than MAX_UNPACKED_BYTES, or claim more than
+    deflate can produce: readers allocate the declared size before they find out it was a lie."""
+    total = 0
+    for info in zf.infolist():
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > info.compress_size * _MAX_DEFLATE_RATIO + 4096:
+            raise LatentError(f"{path}: archive member {info.filename!r} claims {info.file_size} bytes from "
+                              f"{info.compress_size} compressed: corrupt or hostile file")
+        total += info.file_size
+    if total > MAX_UNPACKED_BYTES:
+        raise LatentError(f"{path}: archive unpacks to {total} bytes, more than the {MAX_UNPACKED_BYTES} a latent "
+                          "file may hold; split it into several files")
+
+
 def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     import pickle
 
+    if not zipfile.is_zipfile(path):  # the pre-1.6 format allocates storages at the sizes the pickle claims
+        raise LatentError(f"{path}: not a PyTorch zip archive (truncated, or saved by PyTorch < 1.6 with "
+                          "_use_new_zipfile_serialization=False); re-save it with torch.save or as .safetensors")
+    with zipfile.ZipFile(path) as zf:
+        _check_zip_budget(path, zf)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise LatentError(f"{path}: refused: the pickle holds objects other than tensors and plain values "
                           f"(pid never executes code from input files)") from e
     if isinstance(obj, Tensor):
-        return {"latent": obj}, {}
+        obj = {"latent": obj}
     if not isinstance(obj, dict):
         raise LatentError(f"{path}: holds a {type(obj).__name__}, expected a tensor or a dict with one")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-    meta = {str(k): v for k, v in obj.items() if isinstance(v, (str, int, float))}
+    # Only string keys: str() of a crafted key (nested tuples sharing one object) can take forever.
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    for k, t in tensors.items():
+        # A crafted view (zero or overlapping strides) can claim far more elements than the file stores.
+        if t.layout != torch.strided or t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise LatentError(f"{path}: tensor {k!r} {list(t.shape)} is not a plain dense tensor (sparse, or a "
+                              "view larger than its storage); save tensor.contiguous() instead")
+    meta = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
     return tensors, meta
 
 
 def _read_numpy(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    loaded = np.load(path, allow_pickle=False)
-    arrays = {"latent": loaded} if isinstance(loaded, np.ndarray) else {k: loaded[k] for k in loaded.files}
-    tensors = {}
-    for k, a in arrays.items():
-        if a.dtype.kind != "f":
-            raise LatentError(f"{path}: array {k!r} has dtype {a.dtype}, expected floating point")
-        tensors[k] = torch.from_numpy(np.ascontiguousarray(a))
-    return tensors, {}
+    """`.npy`/`.npz` without np.load, which allocates whatever shape a header declares before reading:
+    each header is checked against the bytes actually present first. Never unpickles."""
+    if path.suffix.lower() == ".npy":
+        with open(path, "rb") as fh:
+            arrays = {"latent": _read_npy(fh, os.fstat(fh.fileno()).st_size, f"{path}")}
+    else:
+        arrays = {}
+        with zipfile.ZipFile(path) as zf:
+            _check_zip_budget(path, zf)
+            for info in zf.infolist():
+                if info.is_dir() or not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    arrays[info.filename[:-4]] = _read_npy(fh, info.file_size, f"{path}[{info.filename}]")
+    return {k: torch.from_numpy(a) for k, a in arrays.items()}, {}
+
+
+def _read_npy(fh: Any, available: int, where: str) -> np.ndarray:
+    """One .npy payload from a binary stream holding `available` bytes (header included)."""
+    from numpy.lib import format as npf
+
+    start = fh.tell()
+    version = npf.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = npf.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = npf.read_array_header_2_0(fh)
+    else:
+        raise LatentError(f"{where}: unsupported .npy format version {version[0]}.{version[1]}")
+    if dtype.kind != "f" or dtype.hasobject:
+        raise LatentError(f"{where}: array has dtype {dtype}, expected floating point")
+    if not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise LatentError(f"{where}: invalid shape {shape!r}")
+    header = fh.tell() - start
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > available - header:
+        raise LatentError(f"{where}: header declares shape {list(shape)} ({nbytes} bytes) but the file holds "
+                          f"{max(available - header, 0)} bytes of data (truncated or corrupt)")
+    data = fh.read(nbytes)  # grows with the data actually read, never by what a header claims
+    if len(data) != nbytes:
+        raise LatentError(f"{where}: truncated: expected {nbytes} bytes of array data, found {len(data)}")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return np.array(array, dtype=dtype.newbyteorder("="), order="C")  # writable, native byte order
 
 
 def _pick(path: Path, tensors: dict[str, Tensor], key: str | None) -> Tensor:
@@ -145,9 +230,10 @@ def latent_size_from_metadata(meta: dict[str, Any], spec: Latent) -> tuple[int, 
     def num(name: str) -> int | None:
         value = meta.get(name)
         try:
-            return int(float(value)) if value is not None else None
-        except (TypeError, ValueError):
+            number = int(float(value)) if value is not None else None
+        except (TypeError, ValueError, OverflowError):  # not a number, NaN, ±inf, or a float beyond range
             return None
+        return number if number is not None and number > 0 else None
 
     if num("latent_height") and num("latent_width"):
         return num("latent_height"), num("latent_width")
@@ -170,6 +256,9 @@ def to_pid_latent(file: LatentFile, spec: Latent, backbone: str, fmt: str = "aut
     z = file.tensor
     if not z.is_floating_point():
         raise LatentError(f"{name}: tensor has dtype {z.dtype}, expected floating point")
+    if z.dim() not in (3, 4, 5):
+        raise LatentError(f"{name}: cannot use a {z.dim()}-D tensor {list(z.shape)} as a latent "
+                          "(expected [C,h,w], [B,C,h,w], [B,C,1,h,w] or a packed [B,L,D] sequence)")
     if z.numel() == 0:
         raise LatentError(f"{name}: tensor {list(z.shape)} is empty")
     z = z.float()
@@ -193,6 +282,10 @@ def to_pid_latent(file: LatentFile, spec: Latent, backbone: str, fmt: str = "aut
     if fmt == "raw":
         z = _normalise(name, z, spec, backbone, bn_stats)
     _check_spatial(name, z, spec, backbone)
+    peak = float(z.abs().max())
+    if not peak <= MAX_LATENT_ABS:  # NaN too: a raw normalisation can still overflow
+        raise LatentError(f"{name}: latent values reach {peak:.3g}; a normalised latent is O(1) and values beyond "
+                          f"{MAX_LATENT_ABS:g} only decode to NaN. Is --latent-format right?")
     return z
 
 
@@ -310,8 +403,8 @@ def _check_spatial(name: str, z: Tensor, spec: Latent, backbone: str) -> None:
 
 def training_sigma(sigma: float, frame: str) -> float:
     """σ in the frame the student was trained on (see `to_training_frame`)."""
-    if not sigma >= 0:
-        raise ValueError(f"degrade_sigma must be >= 0, got {sigma}")
+    if not 0 <= sigma < math.inf:
+        raise ValueError(f"degrade_sigma must be a finite number >= 0, got {sigma}")
     if frame == "flow":
         if sigma > 1:
             raise ValueError(f"degrade_sigma {sigma} is outside [0, 1] for a flow-matching latent")

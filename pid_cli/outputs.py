@@ -9,12 +9,18 @@ import io
 import os
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; clean_partials falls back to the files' age
+    fcntl = None  # type: ignore[assignment]
 
 
 class OutputExists(FileExistsError):
@@ -28,6 +34,9 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_l
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an [H, W, 3] image, got {list(image.shape)}")
+    # Text from file names, manifests and metadata may hold lone surrogates (undecodable bytes of a file
+    # name, "\udc80" in JSON) that UTF-8 cannot encode: replace them rather than fail the image.
+    text = {_text(k): _text(v) for k, v in (text or {}).items()}
     if image.dtype == np.uint8:
         info = PngInfo()
         for k, v in (text or {}).items():
@@ -40,6 +49,10 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_l
     raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
 
 
+def _text(value: str) -> str:
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -50,21 +63,30 @@ def _png16(image: np.ndarray, text: dict[str, str], level: int) -> bytes:
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
     out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))]
     for k, v in text.items():
-        out.append(_chunk(b"iTXt", k.encode("latin-1") + b"\x00\x00\x00\x00\x00" + v.encode("utf-8")))
+        out.append(_chunk(b"iTXt", k.encode("latin-1", "replace") + b"\x00\x00\x00\x00\x00" + v.encode("utf-8")))
     out += [_chunk(b"IDAT", zlib.compress(raw, level)), _chunk(b"IEND", b"")]
     return b"".join(out)
 
 
 def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
     """Write `data` to `path` all-or-nothing. Without `overwrite`, an existing `path` raises
-    OutputExists and is left untouched (two writers never both produce one file)."""
+    OutputExists and is left untouched (two writers never both produce one file).
+
+    The temporary file stays locked (flock) until it is linked into place and removed, so
+    `clean_partials` in another process sharing the folder never deletes it mid-write; the lock dies
+    with the process, so the files a `kill -9` leaves behind are cleaned by the next run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        _lock(fd, blocking=True)
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # a cleaner removed it between mkstemp and the lock: make another
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -75,6 +97,7 @@ def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        os.close(fd)
 
 
 def check_writable(out_dir: Path) -> None:
@@ -87,11 +110,40 @@ def check_writable(out_dir: Path) -> None:
         raise PermissionError(f"{out_dir}: output folder is not writable ({e.strerror or e})") from e
 
 
+def _lock(fd: int, blocking: bool) -> bool | None:
+    """Take an exclusive advisory lock on `fd`: True, False if another process holds it (non-blocking),
+    None where the platform or file system has no locks."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+PARTIAL_GRACE_S = 60.0  # without locks: a temporary file younger than this may still be being written
+
+
 def clean_partials(out_dir: Path) -> int:
-    """Remove temporary files left by a killed run (they never carry a final name)."""
+    """Remove temporary files left by a killed run (they never carry a final name). A file another
+    process is still writing is locked (or brand new) and is left alone."""
     removed = 0
+    now = time.time()
     for p in out_dir.rglob(".*.part"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-            removed += 1
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            locked = _lock(fd, blocking=False)
+            if locked or (locked is None and now - os.fstat(fd).st_mtime >= PARTIAL_GRACE_S):
+                p.unlink()
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     return removed

@@ -75,14 +75,20 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise PromptSourceError(f"{path} line {n}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+        except (ValueError, RecursionError) as exc:  # integers beyond Python's digit limit, deep nesting
+            raise PromptSourceError(f"{path} line {n}: not usable JSON ({type(exc).__name__})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str) or "\0" in obj["input"]:
             raise PromptSourceError(f'{path} line {n}: expected an object with a string "input", '
                                     f"got {raw.strip()[:80]}")
         prompt = obj.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
             kind = type(prompt).__name__
             raise PromptSourceError(f'{path} line {n}: "prompt" must be a string, got {kind}')
-        entries.append(ManifestEntry(path.parent / Path(obj["input"]).expanduser(), prompt, n))
+        try:
+            file = Path(obj["input"]).expanduser()
+        except RuntimeError:  # ~user that does not exist
+            file = Path(obj["input"])
+        entries.append(ManifestEntry(path.parent / file, prompt, n))
     return entries
 
 
@@ -100,6 +106,12 @@ def sidecar_path(input_path: Path) -> Path:
 def metadata_prompt(input_path: Path) -> str | None:
     """The ``prompt`` metadata entry of a safetensors file (header only, no tensors read)."""
     try:
+        try:
+            str(input_path).encode("utf-8")
+        except UnicodeEncodeError:  # safetensors only opens UTF-8 paths: read the header ourselves
+            from pid_cli.latents import read_latent_file
+
+            return read_latent_file(input_path).metadata.get("prompt")
         with safe_open(str(input_path), "pt") as f:
             return (f.metadata() or {}).get("prompt")
     except Exception as exc:
@@ -107,8 +119,12 @@ def metadata_prompt(input_path: Path) -> str | None:
 
 
 def resolve_prompts(inputs: Sequence[Path], *, prompt: str | None = None, prompt_file: Path | None = None,
-                    sidecars: bool = True, metadata: bool = True) -> list[Prompt]:
-    """One :class:`Prompt` per input, by the precedence in the module docstring."""
+                    sidecars: bool = True, metadata: bool = True,
+                    errors: dict[Path, str] | None = None) -> list[Prompt]:
+    """One :class:`Prompt` per input, by the precedence in the module docstring.
+
+    With `errors`, an unreadable sidecar or metadata fails only its own input: the message goes into
+    `errors[input]` (and the input gets the default prompt) instead of raising for the whole list."""
     inputs = [Path(p) for p in inputs]
     if prompt is not None:
         return [Prompt(prompt, "--prompt") for _ in inputs]
@@ -117,16 +133,23 @@ def resolve_prompts(inputs: Sequence[Path], *, prompt: str | None = None, prompt
         from_file = _match_prompt_file(Path(prompt_file), inputs)
     out = []
     for inp, matched in zip(inputs, from_file, strict=True):
-        if matched is not None:
-            out.append(matched)
-        elif sidecars and inp.suffix.lower() != ".txt" and (side := sidecar_path(inp)).is_file():
-            out.append(Prompt(_read_text(side).strip(), str(side)))
-        elif metadata and inp.suffix == ".safetensors" and inp.is_file() and \
-                (meta := metadata_prompt(inp)) is not None:
-            out.append(Prompt(meta, f"metadata of {inp}"))
-        else:
+        try:
+            out.append(matched if matched is not None else _own_prompt(inp, sidecars, metadata))
+        except PromptSourceError as exc:
+            if errors is None:
+                raise
+            errors[inp] = str(exc)
             out.append(Prompt(DEFAULT_PROMPT, "default (empty caption)"))
     return out
+
+
+def _own_prompt(inp: Path, sidecars: bool, metadata: bool) -> Prompt:
+    """What an input says about its prompt itself: sidecar, then metadata, then the default."""
+    if sidecars and inp.suffix.lower() != ".txt" and (side := sidecar_path(inp)).is_file():
+        return Prompt(_read_text(side).strip(), str(side))
+    if metadata and inp.suffix == ".safetensors" and inp.is_file() and (meta := metadata_prompt(inp)) is not None:
+        return Prompt(meta, f"metadata of {inp}")
+    return Prompt(DEFAULT_PROMPT, "default (empty caption)")
 
 
 def _match_prompt_file(path: Path, inputs: list[Path]) -> list[Prompt | None]:

@@ -507,15 +507,62 @@ class Registry:
         return list({e.id: e for e in chosen}.values())
 
 
+MAX_REGISTRY_BYTES = 16 << 20  # the built-in registry is ~30 KB
+MAX_REGISTRY_NODES = 100_000  # values after expanding YAML aliases (the built-in registry: ~2,600)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_REGISTRY_BYTES + 1)
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read registry file: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_REGISTRY_BYTES:
+        raise RegistryError(f"{path}: registry file is larger than {MAX_REGISTRY_BYTES >> 20} MB")
     try:
-        return yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise RegistryError(f"{path}: YAML nested too deeply") from None
+    except Exception as exc:  # a constructor's own error, e.g. an integer beyond Python's digit limit
+        raise RegistryError(f"{path}: not valid YAML ({type(exc).__name__}: {str(exc)[:200]})") from None
+    _check_expansion(path, data)
+    return data
+
+
+def _check_expansion(path: Path, data: Any) -> None:
+    """Refuse alias bombs ("billion laughs") and self-referencing aliases before anything walks the data.
+
+    yaml.safe_load shares one object per anchor, so loading is cheap, but every later walk (validation,
+    `base:` inheritance, json.dumps) sees the expanded tree. Sizes are counted per object, not per visit."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        key = id(node)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if done:
+            active.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[key] > MAX_REGISTRY_NODES:
+                raise RegistryError(f"{path}: YAML aliases expand to more than {MAX_REGISTRY_NODES} values "
+                                    "(an alias bomb?)")
+            continue
+        if key in active:
+            raise RegistryError(f"{path}: a YAML alias refers to a value that contains it (a cycle)")
+        if key in sizes:
+            continue
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if isinstance(c, (dict, list)))
 
 
 def _merge_file(reg: Registry, path: Path) -> None:

@@ -199,7 +199,8 @@ def run(job: DecodeJob) -> int:
         session.prepass(specs)
         if session.items and not stop.is_set():
             session.embed_prompts()
-            session.decode_all()
+            if session.items:  # unless every remaining input failed while its prompt was read
+                session.decode_all()
         session.report_unfinished()
     finally:
         _restore_signal_handlers(previous)
@@ -316,8 +317,9 @@ class _Session:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             loaded = pool.map(lambda spec: _attempt(probe_input, self.job, spec), specs)
             for spec, (probe, error) in zip(specs, loaded, strict=True):
-                if self.failed_fast.is_set() or self.stop.is_set():
-                    break
+                if self.failed_fast.is_set() or self.stop.is_set():  # still one record per input
+                    self.records.emit(spec, "failed", [], 0.0, "not decoded: the run stopped early")
+                    continue
                 if error is None:
                     error = _attempt(self._plan_input, spec, probe, claimed, warned)[1]
                 if error is not None:
@@ -363,14 +365,24 @@ class _Session:
         if job.prompt is not None:
             chosen = {spec.path: job.prompt for spec in specs}
         else:
-            resolved = resolve_prompts([s.path for s in specs], prompt_file=job.prompt_file)
+            unreadable: dict[Path, str] = {}  # a sidecar that cannot be read fails its own input only
+            resolved = resolve_prompts([s.path for s in specs], prompt_file=job.prompt_file, errors=unreadable)
             chosen = {s.path: s.prompt if s.prompt is not None else r.text
                       for s, r in zip(specs, resolved, strict=True)}
-            if job.prompt_embeds is not None and job.prompt_file is None:
+            if job.prompt_embeds is not None:
                 table = load_prompt_embeds(job.prompt_embeds, job.entry.net_config["txt_max_length"])
-                if len(table) == 1:  # a file made for one prompt serves inputs that name none
-                    only = next(iter(table))
+                if len(table) == 1 and job.prompt_file is None:  # a file made for one prompt serves inputs
+                    only = next(iter(table))                     # that name none
                     chosen = {p: (only if t == "" else t) for p, t in chosen.items()}
+                for path, text in chosen.items():  # an input's own prompt the file lacks fails that input only
+                    if text not in table and path not in unreadable:
+                        unreadable[path] = (f"{path}: {job.prompt_embeds} has no embedding for its prompt "
+                                            f"{text[:80]!r}; re-run `pid embed` with it")
+            for path, error in unreadable.items():
+                self.fail(self.states.pop(path).spec, error)
+            self.items = [item for item in self.items if item.spec.path not in unreadable]
+            if not self.items:
+                return
         for item in self.items:
             item.prompt = chosen[item.spec.path]
         unique = list(dict.fromkeys(item.prompt for item in self.items))
@@ -583,7 +595,8 @@ def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
     except (LatentError, InputError, ValueError, OSError, RuntimeError) as e:
         return None, str(e)
     except (ArithmeticError, MemoryError, RecursionError) as e:  # what else a hostile file can cause
-        return None, f"{args[-1].path if isinstance(args[-1], InputSpec) else ''}: {type(e).__name__}: {e}"
+        spec = next((a for a in args if isinstance(a, InputSpec)), None)
+        return None, f"{spec.path if spec else 'input'}: {type(e).__name__}: {e}"
 
 
 def _non_finite(batch: list[Item], images: Tensor) -> dict[int, str]:

@@ -310,9 +310,12 @@ class EmbeddingCache:
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("prompt") != prompt:
                     return None
-                return f.get_tensor("embedding")
+                embedding = f.get_tensor("embedding")
         except Exception:
             return None
+        if embedding.dim() != 2 or not embedding.is_floating_point() or not torch.isfinite(embedding).all():
+            return None  # damaged on disk: recompute rather than decode with it
+        return embedding
 
     def put(self, namespace: dict[str, str], prompt: str, embedding: torch.Tensor) -> None:
         path = self.path(self.key(namespace, prompt))
@@ -329,7 +332,11 @@ class PromptEmbedder:
         self.misses = 0
 
     def embed(self, prompts: Sequence[str], *, unload: bool = True) -> torch.Tensor:
-        """``[N, M, D]`` on the CPU, row i for ``prompts[i]``; unloads Gemma afterwards by default."""
+        """``[N, M, D]`` on the CPU, row i for ``prompts[i]``; unloads Gemma afterwards by default.
+
+        A lone surrogate (undecodable bytes of a command-line argument, a "\\udc80" escape in a JSON manifest)
+        cannot be tokenised or stored: such characters are embedded as "?"."""
+        prompts = [p.encode("utf-8", "replace").decode("utf-8") for p in prompts]
         unique = list(dict.fromkeys(prompts))
         ns = self.encoder.cache_namespace()
         found: dict[str, torch.Tensor] = {}
@@ -390,6 +397,10 @@ def load_prompt_embeds(path: str | Path, model_max_length: int = MODEL_MAX_LENGT
     if embeds.ndim != 3 or embeds.shape[1] != model_max_length:
         raise PromptEmbedsError(f"{path}: 'prompt_embeds' is {list(embeds.shape)}, expected "
                                 f"[N, {model_max_length}, D]")
+    if not embeds.is_floating_point():
+        raise PromptEmbedsError(f"{path}: 'prompt_embeds' has dtype {embeds.dtype}, expected floating point")
+    if not torch.isfinite(embeds).all():
+        raise PromptEmbedsError(f"{path}: 'prompt_embeds' holds NaN or Inf values (they decode to blank images)")
     try:
         prompts = json.loads(meta["prompts"])
     except (KeyError, ValueError):
