@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pid_cli import paths
-from pid_cli.registry import Entry, FileRef, Licence, RepoRef
+from pid_cli.registry import IMAGE_ENCODER_KINDS, Entry, FileRef, Licence, RepoRef
 
 _TRUE = {"1", "on", "yes", "true"}
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -794,6 +794,7 @@ def list_records(registry: Any, settings: Settings | None = None) -> list[dict[s
                        {"repo": weights.repo, "path": weights.path, "revision": weights.revision},
             "sr_scale": entry.sr_scale, "latent_channels": entry.latent.channels,
             "vae_factor": entry.latent.vae_factor, "vae_format": entry.vae.format if entry.vae else None,
+            "image_inputs": entry.vae is not None and entry.vae.format in IMAGE_ENCODER_KINDS,
             "licence": entry.licence.name if entry.licence else None, "source": entry.source,
             "on_disk": entry_status(entry, settings),
         })
@@ -806,7 +807,8 @@ def list_table(registry: Any, records: Sequence[dict[str, Any]]) -> Any:
 
     variants = list(dict.fromkeys(r["variant"] for r in records))
     table = Table(title="PiD checkpoints", caption="✓ decoder on disk (+ VAE, + text encoder: ✓✓✓) · "
-                  "bold: chosen by its 'answers_to' names (e.g. 2kto4k) · dim: superseded")
+                  "bold: chosen by its 'answers_to' names (e.g. 2kto4k) · dim: superseded · "
+                  "latents only: image inputs not supported yet")
     table.add_column("backbone")
     for variant in variants:
         table.add_column(variant, justify="right")
@@ -824,6 +826,8 @@ def list_table(registry: Any, records: Sequence[dict[str, Any]]) -> Any:
             text = f"{format_size(rec['size'], rec['size_exact'])} {marks or '·'}"
             style = "dim" if rec["superseded"] else "bold" if rec["answers_to"] else ""
             cells.append(f"[{style}]{text}[/]" if style else text)
-        label = backbone + (f"\n[dim]{', '.join(aliases)}[/]" if aliases else "")
+        images = any(r["image_inputs"] for r in records if r["backbone"] == backbone)
+        label = backbone + ("" if images else " [dim](latents only)[/]")
+        label += f"\n[dim]{', '.join(aliases)}[/]" if aliases else ""
         table.add_row(label, *cells)
     return table

@@ -8,7 +8,6 @@ retried shard redoes exactly its own files and skip-existing makes reruns idempo
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import string
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 from pid_cli.latents import LATENT_SUFFIXES
+from pid_cli.manifest import read_rows
+from pid_cli.manifest import short as _short
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 TEMPLATE_FIELDS = ("stem", "index", "dir", "name")
@@ -95,23 +96,9 @@ def _file_spec(path: Path, source: str, suffixes: tuple[str, ...]) -> InputSpec:
 def read_manifest(path: Path) -> list[InputSpec]:
     """JSONL lines `{"input": ..., "prompt": ..., "degrade_sigma": ..., "output": ...}`;
     relative inputs are relative to the manifest's folder."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read manifest ({e})") from e
     specs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, row in read_rows(path, InputError):
         where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from e
-        except (ValueError, RecursionError) as e:  # integers beyond Python's digit limit, deep nesting
-            raise InputError(f"{where}: not usable JSON ({type(e).__name__}: {_short(str(e))})") from None
-        if not isinstance(row, Mapping) or not isinstance(row.get("input"), str):
-            raise InputError(f'{where}: expected an object with a string "input" field')
         unknown = set(row) - {"input", "prompt", "degrade_sigma", "output"}
         if unknown:
             raise InputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
@@ -127,8 +114,6 @@ def read_manifest(path: Path) -> list[InputSpec]:
         for field in ("prompt", "output"):
             if row.get(field) is not None and not isinstance(row[field], str):
                 raise InputError(f'{where}: "{field}" must be a string')
-        if "\0" in row["input"]:
-            raise InputError(f'{where}: "input" contains a NUL character')
         output = row.get("output")  # checked per input, with the others, by safe_output_path
         file = Path(row["input"])
         file = file if file.is_absolute() else path.parent / file
@@ -203,14 +188,6 @@ def check_template(template: str) -> None:
         template.format(stem="x", index=0, dir=".", name="x.pt")
     except (ValueError, TypeError) as e:
         raise InputError(f"--name template {template!r} is malformed ({e})") from None
-
-
-def _short(value: object, limit: int = 200) -> str:
-    try:
-        text = value if isinstance(value, str) else repr(value)
-    except ValueError:  # an int beyond the digit limit
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def output_names(spec: InputSpec, count: int, template: str) -> list[str]:

@@ -15,12 +15,13 @@ Sources, first match wins (per input):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+
+from pid_cli.manifest import read_rows
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_PROMPT = ""
@@ -68,26 +69,15 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     """Parse a JSONL manifest; errors name the file and line."""
     path = Path(path)
     entries = []
-    for n, raw in enumerate(_read_text(path).splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise PromptSourceError(f"{path} line {n}: not valid JSON ({exc.msg})") from exc
-        except (ValueError, RecursionError) as exc:  # integers beyond Python's digit limit, deep nesting
-            raise PromptSourceError(f"{path} line {n}: not usable JSON ({type(exc).__name__})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str) or "\0" in obj["input"]:
-            raise PromptSourceError(f'{path} line {n}: expected an object with a string "input", '
-                                    f"got {raw.strip()[:80]}")
-        prompt = obj.get("prompt")
+    for n, row in read_rows(path, PromptSourceError):
+        prompt = row.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
             kind = type(prompt).__name__
             raise PromptSourceError(f'{path} line {n}: "prompt" must be a string, got {kind}')
         try:
-            file = Path(obj["input"]).expanduser()
+            file = Path(row["input"]).expanduser()
         except RuntimeError:  # ~user that does not exist
-            file = Path(obj["input"])
+            file = Path(row["input"])
         entries.append(ManifestEntry(path.parent / file, prompt, n))
     return entries
 

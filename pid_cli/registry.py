@@ -33,6 +33,12 @@ _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 _DEFAULT_ALLOW = ("*.json", "*.safetensors", "*.model")
 
 
+# VAE formats whose encoder pid implements (`pid_cli.vae`), by codec kind. Backbones with another
+# format (the RAE/DINOv2 and Scale-RAE/SigLIP encoders) decode latents only.
+IMAGE_ENCODER_KINDS = {"bfl-flux1-ae": "flux1", "bfl-flux2-ae": "flux2", "diffusers-sd3-vae": "sd3",
+                       "diffusers-sdxl-vae": "sdxl", "qwenimage-vae-2d": "qwenimage"}
+
+
 class RegistryError(ValueError):
     """A registry file is malformed, or a backbone/variant request cannot be satisfied."""
 

@@ -50,3 +50,15 @@ def test_decoder_library_api(tmp_path):
     assert np.abs(again[0].astype(int) - images[1]).max() <= 1
     deep = dec.decode(latents[:1], prompt_embeds=text, seed=7, bit_depth=16)
     assert deep.dtype == np.uint16 and np.abs(deep[0] // 257 - images[0].astype(int)).max() <= 1
+
+
+def test_list_says_which_backbones_take_images():
+    import json
+
+    result = CliRunner().invoke(app, ["list", "--json"])
+    assert result.exit_code == 0
+    records = {r["id"]: r["image_inputs"] for r in json.loads(result.stdout)}
+    assert records["dinov2-2k"] is False and records["siglip-2k"] is False
+    assert all(v for k, v in records.items() if not k.startswith(("dinov2", "siglip")))
+    table = CliRunner().invoke(app, ["list"], env={"COLUMNS": "200"}).stdout
+    assert "dinov2 (latents only)" in table and "flux (latents only)" not in table

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pid_cli.registry import IMAGE_ENCODER_KINDS
 from pid_cli.vae.base import LatentCodec, VAEError, load_config, read_tensors
 from pid_cli.vae.flux2 import (
     Flux2Codec,
@@ -31,9 +32,7 @@ from pid_cli.vae.kl import KLCodec, load_kl_state
 from pid_cli.vae.qwenimage import QwenImageCodec, load_qwen_state
 
 KINDS = ("flux1", "flux2", "sd3", "sdxl", "qwenimage")
-# registry `vae.format` → kind
-FORMATS = {"bfl-flux1-ae": "flux1", "bfl-flux2-ae": "flux2", "diffusers-sd3-vae": "sd3",
-           "diffusers-sdxl-vae": "sdxl", "qwenimage-vae-2d": "qwenimage"}
+FORMATS = IMAGE_ENCODER_KINDS  # registry `vae.format` → kind
 UNSUPPORTED = {
     "rae-dinov2": "the DINOv2 RAE decoder checkpoint has no diffusers/transformers loader yet",
     "scale-rae-siglip2": "the Scale-RAE SigLIP-2 decoder checkpoint has no diffusers/transformers loader yet",
