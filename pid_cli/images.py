@@ -59,6 +59,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
     try:
         with Image.open(path) as im:
             im.seek(0)
+            _check_declared_size(path, im.size)
             mode, deep_colour = im.mode, _is_16bit_colour(im)  # before getexif(), which may load and drop tiles
             orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
             arr = _read_16bit_colour(path) if deep_colour else _pil_to_array(im, path)
@@ -71,6 +72,19 @@ def read_image(path: str | Path) -> tuple[np.ndarray, ImageInfo]:
     info = ImageInfo(path=path, width=arr.shape[1], height=arr.shape[0], bit_depth=8 * arr.dtype.itemsize,
                      source_mode=mode, had_alpha=had_alpha, orientation=orientation)
     return np.ascontiguousarray(arr), info
+
+
+# No codec packs more than this many pixels into one byte of file (1-bit deflate reaches ~8,300); a header
+# that claims more is corrupt or hostile, and Pillow would allocate (and zero) the whole claimed image.
+_MAX_PIXELS_PER_BYTE = 16_384
+
+
+def _check_declared_size(path: Path, size: tuple[int, int]) -> None:
+    w, h = size
+    nbytes = path.stat().st_size
+    if w * h > nbytes * _MAX_PIXELS_PER_BYTE + (1 << 21):
+        raise ImageReadError(f"{path}: the header declares {w}x{h} pixels, far more than {nbytes} bytes of file can "
+                             "hold (corrupt or hostile file)")
 
 
 def _is_16bit_colour(im: Image.Image) -> bool:

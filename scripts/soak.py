@@ -375,7 +375,7 @@ def main() -> int:
             log = gen_dir / "events.jsonl"
             rnd = 0
             while True:
-                final = rnd >= 6 or (rnd > 0 and rng.random() < 0.25)
+                final = rnd >= 8 or (rnd > 0 and rng.random() < 0.15)
                 faults = {"enospc": 0.0 if final else rng.choice([0.0, 0.02, 0.1]),
                           "oom": 0.0 if final else rng.choice([0.0, 0.3])}
                 kill = None if final else rng.choice([None, None, "SIGINT", "SIGKILL", "SIGKILL"])
@@ -390,7 +390,7 @@ def main() -> int:
                            *inputs.args(out, rec, batch)]
                     procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
                 if kill is not None:
-                    time.sleep(rng.uniform(2.0, 12.0))
+                    time.sleep(rng.uniform(1.0, 10.0))
                     for p in procs:
                         if p.poll() is None:
                             p.send_signal(getattr(signal, kill))

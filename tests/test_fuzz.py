@@ -583,7 +583,7 @@ def registry_texts(draw) -> bytes:
     elif tweak == "cycle":
         text = "shared: &c {x: *c}\n" + text
     elif tweak == "deep":
-        text = "entries: " + "[" * 3000 + "]" * 3000
+        text = "entries:\n" + "- " * 3000 + "x\n"  # nested block sequences (flow [[[ parses far slower)
     elif tweak == "tag":
         text = "entries: !!python/object/apply:os.system ['touch /tmp/pid_registry_pwned']\n"
     elif tweak == "bigint":
@@ -677,6 +677,19 @@ def test_fuzz_images(tmp_path_factory, case):
             return
     assert arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype in (np.uint8, np.uint16) and arr.size > 0
     assert (info.width, info.height) == (arr.shape[1], arr.shape[0])
+
+
+def test_tiny_file_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
+    """Found by atheris: a 300-byte raw TIFF whose header says 5 x 16.7M pixels made Pillow allocate (and zero)
+    250 MB, then "decode" a mostly black image without complaint."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 5, 3), 200, np.uint8)).save(buf, "TIFF")
+    entry = b"\x01\x01\x04\x00\x01\x00\x00\x00" + struct.pack("<I", 4)  # ImageLength (257), LONG, 1 value: 4
+    data = buf.getvalue()
+    assert data.count(entry) == 1
+    (tmp_path / "tall.tif").write_bytes(data.replace(entry, entry[:8] + struct.pack("<I", 16_711_684)))
+    with pytest.raises(ImageReadError, match="declares 5x16711684 pixels"):
+        read_image(tmp_path / "tall.tif")
 
 
 # ---------------------------------------------------------------------------------------------------------
