@@ -28,6 +28,13 @@ def tiny_fixture(variant: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(PARITY / variant / "fixture.safetensors").items()}
 
 
+def tiny_flux_entry(**fields) -> dict:
+    """A user-registry entry for the tiny v1_flux fixture decoder (8 px per latent cell, ×4)."""
+    return {"id": "tiny-flux", "base": "flux-2k", "variant": "tiny",
+            "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"), "net_config": tiny_config("v1_flux"),
+            "output_sizes": {"buckets": ["64x64"], "multiple_of": 16}, **fields}
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.set_num_threads(2)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PARITY, tiny_config
+from conftest import tiny_flux_entry
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -29,10 +29,7 @@ SCALE = 32  # tiny v1_flux: 8 px per latent cell × sr 4
 def setup(tmp_path):
     """A registry with the tiny flux decoder, prompt embeddings, and a folder of inputs."""
     reg = tmp_path / "registry.yaml"
-    reg.write_text(yaml.safe_dump({"version": 1, "entries": [{
-        "id": "tiny-flux", "base": "flux-2k", "variant": "tiny",
-        "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"), "net_config": tiny_config("v1_flux"),
-        "output_sizes": {"buckets": ["64x64"], "multiple_of": 16}}]}))
+    reg.write_text(yaml.safe_dump({"version": 1, "entries": [tiny_flux_entry()]}))
     gen = torch.Generator().manual_seed(0)
     emb = tmp_path / "emb.safetensors"
     save_prompt_embeds(emb, ["", "a red fox"], torch.randn(2, 12, 32, generator=gen))

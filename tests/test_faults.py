@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PARITY, tiny_config
+from conftest import tiny_flux_entry
 from PIL import Image
 from safetensors.torch import save_file
 from test_fuzz import code_pickle_pt, hostile_latents, torch_zip_bytes
@@ -46,10 +46,7 @@ SURROGATE_PROMPT = "a caf\udc80"  # a lone surrogate: valid in JSON and Python s
 def tiny(tmp_path):
     """The tiny flux decoder in a user registry, prompt embeddings, an input folder and an output folder."""
     reg = tmp_path / "registry.yaml"
-    reg.write_text(yaml.safe_dump({"version": 1, "entries": [{
-        "id": "tiny-flux", "base": "flux-2k", "variant": "tiny",
-        "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"), "net_config": tiny_config("v1_flux"),
-        "output_sizes": {"buckets": ["64x64"], "multiple_of": 16}}]}))
+    reg.write_text(yaml.safe_dump({"version": 1, "entries": [tiny_flux_entry()]}))
     emb = tmp_path / "emb.safetensors"
     save_prompt_embeds(emb, ["", "a red fox", SURROGATE_PROMPT],
                        torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(0)))
