@@ -68,6 +68,15 @@ def _png16(image: np.ndarray, text: dict[str, str], level: int) -> bytes:
     return b"".join(out)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
     """Write `data` to `path` all-or-nothing. Without `overwrite`, an existing `path` raises
     OutputExists and is left untouched (two writers never both produce one file).
@@ -83,6 +92,7 @@ def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
             break
         os.close(fd)  # a cleaner removed it between mkstemp and the lock: make another
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode any new file would
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

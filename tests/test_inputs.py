@@ -141,6 +141,17 @@ def test_png_8_and_16_bit_round_trip_with_metadata():
     assert Image.open(io.BytesIO(encode_png(img16))).size == (7, 5)  # a valid PNG for other readers too
 
 
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "x.png"
+    write_atomic(target, b"data")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
+
+
 def test_atomic_write_never_clobbers_and_leaves_no_partials(tmp_path):
     target = tmp_path / "a" / "x.png"
     write_atomic(target, b"first")
