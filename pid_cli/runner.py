@@ -191,10 +191,11 @@ def run(job: DecodeJob) -> int:
     specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
     if job.shard is not None:
         specs = take_shard(specs, *job.shard)
-    records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
     stop = threading.Event()
-    previous = _install_signal_handlers(stop)
+    previous = _install_signal_handlers(stop)  # first: an interrupt once records exist still writes them all
+    records: Records | None = None
     try:
+        records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
         session = _Session(job, records, stop)
         session.prepass(specs)
         if session.items and not stop.is_set():
@@ -204,7 +205,8 @@ def run(job: DecodeJob) -> int:
         session.report_unfinished()
     finally:
         _restore_signal_handlers(previous)
-        records.close()
+        if records is not None:
+            records.close()
     if stop.is_set():
         return EXIT_INTERRUPTED
     return EXIT_FAILED if records.counts["failed"] or records.lost else EXIT_OK

@@ -121,6 +121,7 @@ def child(argv: list[str]) -> int:
 
 
 def _child_main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when run in the background
     try:
         return child(argv)
     except KeyboardInterrupt:  # SIGINT while this wrapper was still importing torch: not pid's doing
@@ -303,23 +304,23 @@ def read_records(path: Path) -> list[dict]:
     return out
 
 
-def check_round(inputs: Inputs, out: Path, records: list[dict], codes: list[int], killed: bool) -> None:
+def check_round(inputs: Inputs, out: Path, runs: list[tuple[int, Path]]) -> None:
+    """After any round. `runs`: each process's exit status and records file."""
     check_pngs(out)
     check(not any(inputs.outside.iterdir()), f"something was written outside --out: {list(inputs.outside.iterdir())}")
     check(not (inputs.work / "escape.png").exists() and not (inputs.work / "up.png").exists(),
           "a manifest output escaped --out")
     check(not inputs.marker.exists(), "code from a pickle ran")
-    if killed:
-        return
-    expected_codes = {1, 130}
-    check(all(c in expected_codes for c in codes), f"unexpected exit codes {codes}")
-    per_process = len(codes)
-    counts = Counter(r["input"] for r in records)
     every = {str(p) for p in [*inputs.good, *inputs.bad]}
-    check(set(counts) == every, f"records missing for {sorted(every - set(counts))[:5]}, "
-                                f"extra {sorted(set(counts) - every)[:5]}")
-    check(all(c == per_process for c in counts.values()),
-          f"not one record per input per process: {[k for k, c in counts.items() if c != per_process][:5]}")
+    for code, path in runs:
+        if code < 0 or (code == 130 and not path.exists()):  # killed, or interrupted before the run began
+            continue
+        check(code in (1, 130), f"exit code {code} from a run with bad inputs ({path.name})")
+        counts = Counter(r["input"] for r in read_records(path))
+        check(set(counts) == every, f"{path.name}: records missing for {sorted(every - set(counts))[:5]}, "
+                                    f"extra {sorted(set(counts) - every)[:5]}")
+        check(all(c == 1 for c in counts.values()),
+              f"{path.name}: inputs with several records: {[k for k, c in counts.items() if c != 1][:5]}")
 
 
 def check_final(inputs: Inputs, out: Path, records: list[dict], linked: Counter) -> tuple[int, int]:
@@ -397,13 +398,12 @@ def main() -> int:
                             stats[f"{kill.lower()}s sent"] += 1
                 errs = [p.communicate(timeout=900)[1].decode("utf-8", "replace") for p in procs]
                 codes = [p.returncode for p in procs]
-                # killed, or interrupted before `pid decode` started its run (click's "Aborted!", exit 1)
-                killed = any(c < 0 for c in codes) or (kill == "SIGINT" and any(c != 130 for c in codes))
-                for c, err in zip(codes, errs, strict=True):
+                for k, (c, err) in enumerate(zip(codes, errs, strict=True)):
+                    (gen_dir / f"stderr-{rnd:02d}-{k}.txt").write_text(f"kill={kill} exit={c}\n{err}")
                     check(c < 0 or c in (0, 1, 130), f"exit code {c} (a crash?):\n{err[-3000:]}")
                     check(c < 0 or "Traceback" not in err, f"a traceback:\n{err[-3000:]}")
+                check_round(inputs, out, list(zip(codes, rec_files, strict=True)))
                 records = [r for f in rec_files for r in read_records(f)]
-                check_round(inputs, out, records, codes, killed)
                 stats["rounds"] += 1
                 stats["processes"] += n_procs
                 stats["concurrent rounds"] += n_procs > 1

@@ -313,6 +313,23 @@ def test_manifest_outputs_cannot_escape_the_output_folder(tiny):
         assert im.info["pid:prompt"] == "a caf?"
 
 
+def test_interrupt_during_the_prepass_still_writes_one_record_per_input(tiny, monkeypatch):
+    latents(tiny, 6)
+    probe = runner.probe_input
+
+    def interrupted(job, spec):
+        if spec.path.name == "00.safetensors":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the inputs are being read
+            time.sleep(0.2)
+        return probe(job, spec)
+
+    monkeypatch.setattr(runner, "probe_input", interrupted)
+    result, records = run_cli(args(tiny, "--json"))
+    assert result.exit_code == 130 and len(records) == 6 and len(by_input(records)) == 6
+    assert all(r["status"] == "failed" and "stopped early" in r["error"] for r in records)
+    assert not tiny["out"].exists() or pngs(tiny["out"]) == {}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # kill -9 and two processes on one folder
 
