@@ -10,9 +10,17 @@ re-hash gigabytes.
 Environment is read at call time (not import time) so `HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and
 `HF_TOKEN` behave the same for the CLI, for library callers and in tests.
 
-Resuming: huggingface_hub continues a broken transfer with an HTTP Range request from the last complete
-10 MB chunk, up to 5 times within the same call. Whether a partial file survives the process depends on its
-version (2.x deletes it on failure; for Xet-backed repos hf_xet fetches content-addressed chunks instead).
+Resuming: an LFS file (every weight file) that is not on disk yet is transferred by pid with huggingface_hub's
+`http_get` into a partial file named by the file and its ETag (the SHA-256 of its content):
+`models--<owner>--<repo>/blobs/<key>.<etag>.incomplete` in the HF cache, `<dir>/<owner>/<repo>/.cache/pid/`
+with `--dir`. It outlives the process (Ctrl-C, kill -9, a connection still broken after huggingface_hub's 5
+in-call retries), and the next run continues it with `Range: bytes=<size>-`. Bytes reach the disk in
+huggingface_hub's read size (10 MB), so a kill loses at most that much. A partial file of another version (the
+ETag changed) is deleted and the file fetched whole; a finished transfer must hash to the ETag before it is moved
+into place, so a damaged partial file is deleted and the file fetched again from the start, never loaded. These
+transfers use plain HTTP even for Xet-backed repos (no hf_xet). Non-LFS files (small configs) are left to
+hf_hub_download, which in 2.x does not resume across runs: it writes each attempt to a temporary file of its own
+and deletes it on failure (a killed process leaves it behind, unused).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from pid_cli import paths
 from pid_cli.registry import IMAGE_ENCODER_KINDS, Entry, FileRef, Licence, RepoRef
@@ -346,11 +355,16 @@ def _repo_manifest(folder: Path) -> Path:
     return paths.cache_dir() / "folders" / f"{key}.json"
 
 
+def _cache_storage(repo: str, settings: Settings) -> Path:
+    """A model repository's folder in the Hugging Face cache (blobs/, refs/, snapshots/)."""
+    return settings.cache_dir / ("models--" + repo.replace("/", "--"))
+
+
 def _snapshot_folder(ref: RepoRef, settings: Settings) -> Path | None:
     assert ref.repo is not None
     if settings.local_dir is not None:
         return settings.repo_dir(ref.repo)
-    storage = settings.cache_dir / ("models--" + ref.repo.replace("/", "--"))
+    storage = _cache_storage(ref.repo, settings)
     commit = ref.revision
     if not _GIT_OID_RE.match(commit):
         try:
@@ -519,11 +533,85 @@ def fetch(item: PlanItem, settings: Settings) -> Path:
                               (item.remote or {}).get(ref.path), cached=item.on_disk is not None)
 
 
+def _transfer_resumable(repo: str, path: str, revision: str, settings: Settings, what: str) -> None:
+    """Bring a LFS file's bytes to where hf_hub_download adopts them (the cache blob named by its ETag, or the
+    file in `--dir`), through a partial file that outlives the process.
+
+    The partial file is named by the file and its ETag (the SHA-256 of the content), so bytes a killed run left
+    are continued with an HTTP Range request only for the same file version; partial files of other versions
+    are deleted. The finished transfer must hash to the ETag before it is moved into place: a partial file that
+    does not (corrupted on disk) is deleted and the file fetched once more from the start. Non-LFS files are
+    left to hf_hub_download."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    url = hf_hub_url(repo, path, revision=revision, endpoint=settings.endpoint)
+    meta = get_hf_file_metadata(url, token=settings.token)
+    etag = meta.etag
+    if not etag or not _SHA256_RE.match(etag) or not meta.commit_hash:
+        return
+    headers = build_hf_headers(token=settings.token)
+    source = url
+    if getattr(meta, "xet_file_data", None) is None and meta.location and meta.location != url:
+        source = meta.location  # the exact version the HEAD request saw
+        if urlsplit(source).netloc != urlsplit(url).netloc:
+            headers.pop("authorization", None)  # a signed CDN address takes no Hub token
+    if settings.local_dir is None:
+        storage = _cache_storage(repo, settings).expanduser().resolve()
+        final, partial_dir = storage / "blobs" / etag, storage / "blobs"
+        lock_dir = storage.parent / ".locks" / storage.name
+    else:
+        final = settings.repo_dir(repo) / path
+        partial_dir = lock_dir = settings.repo_dir(repo) / ".cache" / "pid"
+    key = hashlib.sha1(path.encode()).hexdigest()[:16]
+    partial = partial_dir / f"{key}.{etag}.incomplete"
+    for folder in (partial_dir, lock_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock_dir / f"{key}.lock"):
+        if final.exists():
+            return  # another process finished it while we waited
+        for stale in partial_dir.glob(f"{key}.*.incomplete"):
+            if stale != partial:
+                stale.unlink(missing_ok=True)  # an earlier version of the file
+        while True:
+            resumed = partial.stat().st_size if partial.exists() else 0
+            if meta.size is not None and resumed > meta.size:
+                partial.unlink()
+                resumed = 0
+            if resumed:
+                print_notice(f"{what}: continuing the partial download from an earlier run at "
+                             f"{format_size(resumed)}")
+            try:
+                with open(partial, "ab") as fh:
+                    http_get(source, fh, resume_size=resumed, headers=headers, expected_size=meta.size,
+                             displayed_filename=PurePosixPath(path).name)
+            except OSError as exc:
+                if "Consistency check failed" in str(exc):
+                    partial.unlink(missing_ok=True)
+                raise
+            sha, _ = file_digests(partial)
+            if sha == etag:
+                break
+            partial.unlink()
+            if not resumed:
+                raise VerificationError(f"{what}: sha256 mismatch: expected {etag}, got {sha} (the bad copy was "
+                                        "deleted; run the command again to re-download).")
+            print_notice(f"{what}: the partial download from an earlier run does not hash to the Hub's SHA-256; "
+                         "it was deleted, downloading the file again from the start")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+        _write_stamp(final, sha, None)
+
+
 def _download_verified(repo: str, path: str, revision: str, settings: Settings, what: str,
                        ref: FileRef | None = None, remote: RemoteFile | None = None, *, cached: bool) -> Path:
     """Download (or find in the cache) and verify one file. A `cached` copy that fails the check (truncated,
     corrupted on disk) is deleted by the check and fetched once more, never loaded; a fresh download that
-    fails raises."""
+    fails raises. LFS files not on disk go through `_transfer_resumable`, which continues a partial download
+    an earlier run left."""
+    if not cached and remote is not None and remote.sha256 is not None:
+        _hub_call(what, settings, lambda: _transfer_resumable(repo, path, revision, settings, what))
     local = _download_one(repo, path, revision, settings)
     try:
         verify_file(local, what, ref, remote)

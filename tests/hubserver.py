@@ -7,7 +7,8 @@ It serves in-memory files on 127.0.0.1 so download tests never touch the interne
   POST     /api/models/{owner}/{name}/paths-info/{revision}
   GET      /api/models/{owner}/{name}/tree/{revision}[/{path}]
 Every request is logged (method, path, headers) so tests can assert what was asked for. Faults can be injected:
-a transfer cut after N bytes, a wrong advertised hash or size, a required token.
+a transfer cut after N bytes, a transfer that stalls after N bytes (so a client can be killed mid-file), a wrong
+advertised hash or size, a required token.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class FakeHub:
     requests: list[Request] = field(default_factory=list)
     require_token: str | None = None
     cuts: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, path) -> bytes before a drop
+    stalls: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, path) -> bytes before a stall
     url: str = ""
+    released: threading.Event = field(default_factory=threading.Event)  # ends every stall
 
     def add(self, repo: str, path: str, data: bytes, *, lfs: bool | None = None, sha256: str | None = None,
             size: int | None = None, head_size: int | None = None) -> HubFile:
@@ -62,6 +65,11 @@ class FakeHub:
 
     def cut_next_transfer(self, repo: str, path: str, after: int) -> None:
         self.cuts[(repo, path)] = after
+
+    def stall_next_transfer(self, repo: str, path: str, after: int) -> None:
+        """The next GET of the file sends `after` bytes, then nothing more until the server stops: a transfer
+        that hangs, for tests that kill the client in the middle of a file."""
+        self.stalls[(repo, path)] = after
 
     def requested(self, method: str | None = None, contains: str = "") -> list[Request]:
         return [r for r in self.requests if (method is None or r.method == method) and contains in r.path]
@@ -81,6 +89,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -182,17 +191,22 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(rng[len("bytes="):].split("-")[0])
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             data, status = data[start:], 206
-        cut = self.fake.cuts.pop((f"{owner}/{name}", path), None) if self.command == "GET" else None
-        if cut is None:
+        key = (f"{owner}/{name}", path)
+        cut = self.fake.cuts.pop(key, None) if self.command == "GET" else None
+        stall = self.fake.stalls.pop(key, None) if self.command == "GET" else None
+        if cut is None and stall is None:
             return self._send(status, data, headers, "application/octet-stream")
-        # Promise the whole body, deliver part of it, drop the connection: a network failure mid-transfer.
+        # Promise the whole body, deliver part of it, then drop the connection (a network failure mid-transfer)
+        # or hang until the server stops (a stalled transfer, for killing the client while it waits).
         self.send_response(status)
         self.send_header("Content-Length", str(len(data)))
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data[:cut])
+        self.wfile.write(data[:cut if cut is not None else stall])
         self.wfile.flush()
+        if stall is not None:
+            self.fake.released.wait()
         self.close_connection = True
 
     do_GET = do_HEAD = do_POST = _route

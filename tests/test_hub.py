@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +162,98 @@ def test_resume_after_interrupted_transfer(served, reg, monkeypatch):
     assert files.weights.read_bytes() == fake_bytes(entry.weights.path)
     ranges = [r.headers.get("range") for r in served.requested("GET", entry.weights.path)]
     assert ranges == [None, "bytes=1000-"]  # the second request continued where the first one broke
+
+
+# A killed `pid download` and the next run. The child shrinks huggingface_hub's 10 MB read size so a few KB
+# reach the disk before the server stalls; the test kills it with SIGKILL once its partial file holds bytes.
+CHILD = ("import runpy, sys; from huggingface_hub import constants; constants.DOWNLOAD_CHUNK_SIZE = 1000; "
+         "sys.argv[0] = 'pid'; runpy.run_module('pid_cli.cli', run_name='__main__')")
+BIG = 200_000
+
+
+def _layout_args(layout, tmp_path):
+    """(extra `pid download` options, ensure_files local_dir, folder the partial file is kept in)."""
+    if layout == "cache":
+        return [], None, tmp_path / "hf" / "models--nvidia--PiD" / "blobs"
+    return ["--dir", str(tmp_path / "models")], tmp_path / "models", tmp_path / "models" / "nvidia/PiD/.cache/pid"
+
+
+def _kill_download_midway(served, entry, tmp_path, layout) -> Path:
+    """Run `pid download` for the entry's decoder in a child process, SIGKILL it in the middle of the file,
+    return the partial file it left."""
+    served.stall_next_transfer("nvidia/PiD", entry.weights.path, after=BIG // 4)
+    options, _, partial_dir = _layout_args(layout, tmp_path)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"),  # no developer token in the child either
+               PYTHONPATH=os.pathsep.join([str(Path(hub.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, "download", "-b", entry.backbone, "--variant",
+                              entry.variant, "--no-vae", "--no-text-encoder", *options],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            partial = next(iter(partial_dir.glob("*.incomplete")), None) if partial_dir.is_dir() else None
+            if partial is not None and partial.stat().st_size > 0:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"no partial file appeared; child: {child.poll()} {child.stderr.read()!r}")
+    finally:
+        child.kill()
+        child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    (partial,) = partial_dir.glob("*.incomplete")
+    assert 0 < partial.stat().st_size < BIG
+    return partial
+
+
+def _decoder_gets(served, entry) -> list[str | None]:
+    return [r.headers.get("range") for r in served.requested("GET", entry.weights.path)]
+
+
+@pytest.mark.parametrize("layout", ["cache", "dir"])
+def test_resume_across_runs_after_kill_9(served, reg, tmp_path, layout):
+    entry = reg.resolve("flux2", "2k")
+    data = fake_bytes(entry.weights.path, BIG)
+    served.add("nvidia/PiD", entry.weights.path, data)
+    kept = _kill_download_midway(served, entry, tmp_path, layout).stat().st_size
+    files = hub.ensure_files(entry, vae=False, text_encoder=False, local_dir=_layout_args(layout, tmp_path)[1])
+    assert _decoder_gets(served, entry) == [None, f"bytes={kept}-"]  # the second run asked only for the rest
+    assert files.weights.read_bytes() == data
+    assert hub._read_stamp(files.weights)["sha256"] == hashlib.sha256(data).hexdigest()  # verified
+    assert files.weights.is_symlink() == (layout == "cache")
+    assert not list(tmp_path.rglob("*.incomplete"))
+
+
+@pytest.mark.parametrize("layout", ["cache", "dir"])
+def test_partial_download_of_a_changed_file_is_discarded(served, reg, tmp_path, layout):
+    entry = reg.resolve("flux2", "2k")
+    served.add("nvidia/PiD", entry.weights.path, fake_bytes(entry.weights.path, BIG))
+    _kill_download_midway(served, entry, tmp_path, layout)
+    new = fake_bytes("a new upload", BIG)
+    served.add("nvidia/PiD", entry.weights.path, new)  # the file changed upstream: another ETag
+    files = hub.ensure_files(entry, vae=False, text_encoder=False, local_dir=_layout_args(layout, tmp_path)[1])
+    assert _decoder_gets(served, entry) == [None, None]  # fetched whole, the old bytes were not continued
+    assert files.weights.read_bytes() == new
+    assert not list(tmp_path.rglob("*.incomplete"))
+
+
+@pytest.mark.parametrize("layout", ["cache", "dir"])
+def test_corrupt_partial_download_is_discarded_and_fetched_again(served, reg, tmp_path, layout, capsys,
+                                                                 monkeypatch):
+    entry = reg.resolve("flux2", "2k")
+    data = fake_bytes(entry.weights.path, BIG)
+    served.add("nvidia/PiD", entry.weights.path, data)
+    partial = _kill_download_midway(served, entry, tmp_path, layout)
+    kept = partial.stat().st_size
+    partial.write_bytes(b"\0" * kept)  # damaged on disk: same ETag, wrong bytes
+    loaded = []
+    monkeypatch.setattr(hub, "verify_file", lambda path, *a, **k: loaded.append(path.read_bytes()))
+    files = hub.ensure_files(entry, vae=False, text_encoder=False, local_dir=_layout_args(layout, tmp_path)[1])
+    assert _decoder_gets(served, entry) == [None, f"bytes={kept}-", None]  # continued, refused, fetched again
+    assert "does not hash to the Hub's SHA-256" in capsys.readouterr().err
+    assert loaded == [data]  # the damaged file never reached its place
+    assert files.weights.read_bytes() == data
+    assert not list(tmp_path.rglob("*.incomplete"))
 
 
 def test_offline_resolves_from_cache_without_network(served, reg, monkeypatch):
