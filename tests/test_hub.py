@@ -382,7 +382,7 @@ def test_cli_download_prints_licence_once_and_list_shows_disk_state(served):
     runner = CliRunner()
     result = runner.invoke(app, ["download", "-b", "zimage", "-b", "sd3", "--variant", "2k", "--no-text-encoder"])
     assert result.exit_code == 0, result.output
-    assert result.output.count("NVIDIA License") == 1 and "commercial" in result.output
+    assert result.output.count("NSCLv1 License") == 1 and "non-commercial use only" in result.output
     assert not served.requested(contains=GEMMA)
     listed = runner.invoke(app, ["list", "--json"])
     assert listed.exit_code == 0, listed.output

@@ -45,7 +45,8 @@ def test_builtin_has_the_ten_releases_and_two_superseded(reg):
     assert sorted(e.id for e in reg.entries if e.superseded) == ["flux-2kto4k-v1", "flux2-2kto4k-v1"]
     assert all(e.weights.repo == "nvidia/PiD" and e.weights.path.endswith("/model_ema_bf16.pth")
                for e in reg.entries)
-    assert all(e.licence and "non-commercial" in e.licence.name for e in reg.entries)
+    assert all(e.licence and (e.licence.name, e.licence.url) == (
+        "NSCLv1 License", "https://huggingface.co/nvidia/PixelDiT-1300M-1024px/blob/main/LICENSE") for e in reg.entries)
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)
