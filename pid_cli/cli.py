@@ -326,6 +326,14 @@ def decode(
     steps: Annotated[int, typer.Option("--steps", min=1, max=4, help="Sampler steps (1-4).")] = 4,
     dtype: Annotated[str | None, typer.Option("--dtype", help="bf16 or fp32 (default: bf16 on GPU, fp32 on "
                                               "CPU).")] = None,
+    attention: Annotated[str, typer.Option("--attention", help="bf16 (cuDNN, exact to the bf16 policy) or "
+                                           "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs, about twice the "
+                                           "attention speed (most of a 4K decode) at a small, measured error "
+                                           "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
+    compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
+                                         "(~30% faster per image, ~15-20 s to start per output size); auto "
+                                         "compiles only when each GPU has over 400 output megapixels to decode "
+                                         "(~96 2K or 24 4K images).")] = "auto",
     bit_depth: Annotated[int, typer.Option("--bit-depth", help="8 or 16 bits per channel.")] = 8,
     metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help="PNG text metadata.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo existing outputs.")] = False,
@@ -368,6 +376,10 @@ def decode(
         raise usage("--bit-depth must be 8 or 16")
     if dtype not in (None, "bf16", "fp32"):
         raise usage("--dtype must be bf16 or fp32")
+    if attention not in ("bf16", "8bit"):
+        raise usage("--attention must be bf16 or 8bit")
+    if compile not in ("auto", "on", "off"):
+        raise usage("--compile must be auto, on or off")
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
         raise usage("--batch-size must be a positive integer or auto")
     if color_fix not in ("none", "mean-std", "wavelet"):
@@ -380,8 +392,9 @@ def decode(
         job = DecodeJob(
             inputs=inputs, out=out, entry=entry, weights=files.weights, template=name,
             batch_size=None if batch_size == "auto" else int(batch_size), devices=_parse_devices(devices),
-            seed=seed, steps=steps, dtype=dtype, bit_depth=bit_depth, metadata=metadata, overwrite=overwrite,
-            fail_fast=fail_fast, recursive=recursive, latent_format=latent_format, key=key,
+            seed=seed, steps=steps, dtype=dtype, attention=attention, compile=compile, bit_depth=bit_depth,
+            metadata=metadata, overwrite=overwrite, fail_fast=fail_fast, recursive=recursive,
+            latent_format=latent_format, key=key,
             latent_size=parse_size(latent_size) if latent_size else None, degrade_sigma=degrade_sigma,
             target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,
             prompt_embeds=prompt_embeds, text_encoder=text_encoder,

@@ -21,9 +21,51 @@ from pid_cli.registry import Entry
 from pid_cli.sampler import draw_noise, sample, schedule
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# torch.compile is not meant to compile from several threads at once: the first decode of each
-# shape on each device (when compilation happens) runs alone; later decodes run concurrently.
-_COMPILE_LOCK = threading.Lock()
+
+
+class CompileGate:
+    """Lets compiled decodes run concurrently (one thread per GPU) but never beside a compilation.
+
+    Dynamo's tracing state is process-global: a thread that calls compiled code while another thread
+    traces fails ("Detected that you are using FX to symbolically trace a dynamo-optimized function"),
+    which a 4-GPU run hit. The first decode of each shape on each device compiles and takes the gate
+    alone; later decodes share it. A waiting compilation goes first, so it is never starved.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._compiling = False
+        self._waiting = 0  # compilations queued
+
+    @contextlib.contextmanager
+    def compiling(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._compiling and self._running == 0)
+            self._waiting -= 1
+            self._compiling = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._compiling = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def running(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._compiling and self._waiting == 0)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+
+_GATE = CompileGate()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -50,7 +92,7 @@ class Decoder:
 
     def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, attention: str = "bf16"):
         self.entry = entry
         self.weights = Path(weights)
         self.device = resolve_device(device)
@@ -62,6 +104,8 @@ class Decoder:
             net = PiDNet(**entry.net_config)
         load_weights(net, self.weights)  # adopts the file's tensors: no random init, no second copy
         self.net = net.to_inference_dtype(self.dtype).to(self.device).eval().requires_grad_(False)
+        self.net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see model/attention8.py)
+        self.attention = attention
         self.compiled = compile if compile is not None else self.device.type == "cuda"
         if self.compiled:
             self.net.compile_blocks()  # one compilation per output size, reused for every later image
@@ -70,14 +114,15 @@ class Decoder:
     @classmethod
     def from_registry(cls, backbone: str, variant: str | None = None, target: str | None = None, *,
                       registry_files: Sequence[str | Path] = (), device: str | torch.device | None = None,
-                      dtype: str | torch.dtype | None = None, download: bool = True) -> Decoder:
+                      dtype: str | torch.dtype | None = None, attention: str = "bf16",
+                      download: bool = True) -> Decoder:
         """Resolve the checkpoint in the registry, fetch what is missing (unless offline), load."""
         from pid_cli import hub
         from pid_cli.registry import load_registry
 
         entry = load_registry(registry_files).resolve(backbone, variant, target)
         files = hub.ensure_files(entry, vae=False, text_encoder=False, download=download)
-        return cls(entry, files.weights, device=device, dtype=dtype)
+        return cls(entry, files.weights, device=device, dtype=dtype, attention=attention)
 
     @property
     def scale(self) -> int:
@@ -116,8 +161,13 @@ class Decoder:
         sigma = torch.tensor(sigmas, dtype=torch.float32, device=dev)
         y = text.to(dev, torch.float32)
         t_list = schedule(steps, self.entry.sampler.t_list)
-        first = self.compiled and tuple(latents.shape) not in self._warm_shapes
-        with _COMPILE_LOCK if first else contextlib.nullcontext(), fast_attention():
+        if not self.compiled:
+            gate = contextlib.nullcontext()
+        elif tuple(latents.shape) in self._warm_shapes:
+            gate = _GATE.running()
+        else:
+            gate = _GATE.compiling()
+        with gate, fast_attention():
             images = sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
         self._warm_shapes.add(tuple(latents.shape))
         return images

@@ -71,6 +71,8 @@ class DecodeJob:
     seed: int = 0
     steps: int = 4
     dtype: str | None = None
+    attention: str = "bf16"
+    compile: str = "auto"  # on, off, or auto: only when the run is long enough to win back compilation
     bit_depth: int = 8
     metadata: bool = True
     overwrite: bool = False
@@ -402,8 +404,8 @@ class _Session:
         job = self.job
         if self.baselines or any(item.plan is not None for item in self.items):
             self.vae_path = _vae_weights(job)  # fetched here, before the decoders load: a missing file stops early
-        decoders = _load_decoders(job)
         scale = job.entry.latent.vae_factor * job.entry.sr_scale
+        decoders = _load_decoders(job, compile_for(job, self.items, scale))
         batch_size = job.batch_size or min(auto_batch_size(d.device, self.items[0].shape, scale) for d in decoders)
         batches = plan_batches(self.items, batch_size)
         ready: queue.Queue = queue.Queue(maxsize=2 * len(decoders))
@@ -735,10 +737,27 @@ def _vae_weights(job: DecodeJob) -> Path:
     return hub.ensure_files(job.entry, vae=True, text_encoder=False).vae["weights"]
 
 
-def _load_decoders(job: DecodeJob) -> list[Decoder]:
+# torch.compile costs ~15-20 s per output size even with warm caches and saves ~0.045 s per output
+# megapixel on an H100/H200 (BENCHMARKS.md): it pays for itself after ~400 MP per GPU
+COMPILE_MIN_MEGAPIXELS = 400
+
+
+def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
+    """`--compile auto`: compile only when each GPU has enough output pixels to win the time back, so
+    a short interactive run shows its first image in seconds; None leaves it to the Decoder (CPU: never)."""
+    if job.compile != "auto":
+        return job.compile == "on"
+    if any(d.type != "cuda" for d in job.devices):
+        return None
+    megapixels = sum(item.shape[1] * item.shape[2] for item in items) * scale * scale / 1e6
+    return megapixels / len(job.devices) >= COMPILE_MIN_MEGAPIXELS
+
+
+def _load_decoders(job: DecodeJob, compile: bool | None = None) -> list[Decoder]:
     def load(device: torch.device) -> Decoder:
         try:
-            return Decoder(job.entry, job.weights, device=device, dtype=job.dtype, text_encoder=job.text_encoder)
+            return Decoder(job.entry, job.weights, device=device, dtype=job.dtype, text_encoder=job.text_encoder,
+                           attention=job.attention, compile=compile)
         except TypeError as e:  # a registry net_config the network does not take: a configuration error
             raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
 
@@ -754,6 +773,8 @@ def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
             "pid:source": source}
     if item.plan is not None:
         text["pid:preprocess"] = item.plan.note
+    if job.attention != "bf16":
+        text["pid:attention"] = job.attention
     if job.color_fix != "none":
         text["pid:color_fix"] = f"{job.color_fix} (reference: {job.entry.backbone} VAE decode)"
     return text

@@ -10,6 +10,9 @@ Policies (every result has its reference in the same run):
   eager     ours without torch.compile: bf16 weights, cuDNN attention first, latent branch once
             per decode, chunked per-pixel work
   ours      eager + torch.compile of the blocks (what `pid decode` runs on a GPU)
+  ours8     ours with `--attention 8bit` (INT8 Q·K, FP8 P·V kernel)
+With --error, each policy's decoded image is also compared with the `ours` image of the same noise
+and weights (PSNR in 8-bit levels, max |Δ| in levels): the cost in pixels of a policy's arithmetic.
 Prints s/image, images/s, peak GPU memory and model FLOP utilisation (model FLOPs of the standard
 forward × steps ÷ time ÷ the bf16 matmul rate measured on the same card in the same run).
 """
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -63,7 +68,9 @@ def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
         net.pixel_chunk = 1 << 30
         return Uncached(net)
     net.to_inference_dtype(torch.bfloat16)
-    if policy == "ours":
+    if policy == "ours8":
+        net.set_attention("8bit")
+    if policy in ("ours", "ours8"):
         net.compile_blocks()
     return net
 
@@ -99,6 +106,8 @@ def matmul_rate(device: torch.device) -> float:
 
 def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, device: torch.device,
         profile: bool = False) -> dict:
+    torch._dynamo.reset()  # compiled code of an earlier policy, and the reference cycles between a network
+    gc.collect()  # and its compiled methods, would keep that network on the GPU and inflate this peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -112,7 +121,7 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if policy == "upstream" else contextlib.nullcontext
     backends = fast_attention if policy != "upstream" else contextlib.nullcontext
 
-    def once() -> float:
+    def once() -> tuple[float, torch.Tensor]:
         gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
         noise = draw_noise((batch, 3, size, size), gens, device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,11 +131,11 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
         end.record()
         torch.cuda.synchronize()
         assert torch.isfinite(out).all()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3, out
 
-    first = once()  # includes compilation for `ours`
+    first, _ = once()  # includes compilation for `ours`
     ready = time.perf_counter() - t0
-    times = [once() for _ in range(repeat)]
+    times, outs = zip(*(once() for _ in range(repeat)), strict=True)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -138,7 +147,15 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
     return {"policy": policy, "size": size, "batch": batch, "steps": steps, "s_per_image": seconds / batch,
             "images_per_s": batch / seconds, "spread": (max(times) - min(times)) / seconds,
             "first_call_s": first, "ready_s": ready,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "image": ((outs[-1].float().clamp(-1, 1) + 1) * 127.5).round().cpu()}
+
+
+def compare(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB, peak 255) and max |Δ| in 8-bit levels."""
+    diff = image - reference
+    mse = diff.pow(2).mean().item()
+    return (10 * math.log10(255**2 / mse) if mse else math.inf), diff.abs().max().item()
 
 
 def main() -> None:
@@ -151,23 +168,32 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["upstream", "eager", "ours"])
     ap.add_argument("--json", type=Path, help="append one JSON line per result here")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one decode per run")
+    ap.add_argument("--error", action="store_true", help="PSNR / max |Δ| of each policy's image against `ours`")
     args = ap.parse_args()
     device = torch.device("cuda")
     entry = load_registry().get(args.entry)
     rate = matmul_rate(device)
     print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {entry.id}, "
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
-    print("| policy | size | batch | s/image | images/s | peak GiB | MFU | first call s | spread |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| policy | size | batch | s/image | images/s | peak GiB | MFU | first call s | spread |"
+          + (" PSNR vs ours dB | max Δ levels |" if args.error else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.error else ""))
+    policies = (["ours"] + [p for p in args.policies if p != "ours"]) if args.error else args.policies
     for size in args.sizes:
         flops = model_flops(entry, size, args.batch) * args.steps
-        for policy in args.policies:
+        reference = None
+        for policy in policies:
             r = run(entry, policy, size, args.batch, args.steps, args.repeat, device, args.profile)
+            image = r.pop("image")
             r["mfu"] = flops / (r["s_per_image"] * args.batch) / rate
             r["device"] = torch.cuda.get_device_name(device)
-            print(f"| {policy} | {size} | {args.batch} | {r['s_per_image']:.3f} | {r['images_per_s']:.2f} | "
-                  f"{r['peak_gib']:.1f} | {r['mfu']:.0%} | {r['first_call_s']:.1f} | {r['spread']:.1%} |",
-                  flush=True)
+            line = (f"| {policy} | {size} | {args.batch} | {r['s_per_image']:.3f} | {r['images_per_s']:.2f} | "
+                    f"{r['peak_gib']:.1f} | {r['mfu']:.0%} | {r['first_call_s']:.1f} | {r['spread']:.1%} |")
+            if args.error:
+                reference = image if reference is None else reference
+                r["psnr_db"], r["max_diff"] = compare(image, reference)
+                line += f" {r['psnr_db']:.1f} | {r['max_diff']:.0f} |"
+            print(line, flush=True)
             if args.json:
                 with args.json.open("a") as f:
                     f.write(json.dumps(r) + "\n")

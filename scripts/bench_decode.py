@@ -2,6 +2,9 @@
 first image, with full-size random weights written as a local checkpoint (no download).
 
     python scripts/bench_decode.py --size 2048 --images 48 --devices cuda:0 cuda:0,cuda:1
+    python scripts/bench_decode.py --first-image      # one image: --compile on vs auto (eager for short runs)
+    python scripts/bench_decode.py --devices cuda:0 cuda:0,cuda:1,cuda:2,cuda:3 --processes
+                                     # also one process per GPU (`--devices cuda:K --shard K/N`), side by side
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,10 +56,16 @@ def prepare(work: Path, entry_id: str, size: int, images: int) -> tuple[Path, Pa
     return registry, embeds, latents
 
 
-def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str) -> dict:
-    cmd = [sys.executable, "-m", "pid_cli.cli", "decode", str(latents), "--backbone", backbone, "--variant", "bench",
+def command(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str,
+            compile: str = "on") -> list[str]:
+    return [sys.executable, "-m", "pid_cli.cli", "decode", str(latents), "--backbone", backbone, "--variant", "bench",
            "--registry", str(registry), "--prompt-embeds", str(embeds), "--out", str(out), "--devices", devices,
-           "--batch-size", "1", "--json", "--quiet"]
+           "--batch-size", "1", "--json", "--quiet", "--compile", compile]
+
+
+def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str,
+           compile: str = "on") -> dict:
+    cmd = command(registry, embeds, latents, out, devices, backbone, compile)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -67,9 +77,53 @@ def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str,
     if proc.wait() != 0:
         raise SystemExit(f"pid decode --devices {devices} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
     n_dev = len(devices.split(","))
-    steady = (len(stamps) - n_dev) / (stamps[-1] - stamps[n_dev - 1])  # after each GPU's first image
+    steady = (len(stamps) - n_dev) / (stamps[-1] - stamps[n_dev - 1]) if len(stamps) > n_dev else float("nan")
     return {"devices": devices, "images": len(stamps), "first_image_s": stamps[0], "total_s": stamps[-1],
             "steady_images_per_s": steady}
+
+
+def decode_processes(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str) -> dict:
+    """One `pid decode` process per GPU, each on its shard of the inputs, all started together."""
+    gpus = devices.split(",")
+    start = time.perf_counter()
+    procs = [subprocess.Popen([*command(registry, embeds, latents, out, gpu, backbone), "--shard", f"{k}/{len(gpus)}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for k, gpu in enumerate(gpus)]
+    stamps: list[list[float]] = [[] for _ in procs]
+
+    def read(k: int) -> None:
+        for line in procs[k].stdout:
+            if line.startswith("{"):
+                assert json.loads(line)["status"] == "ok", line
+                stamps[k].append(time.perf_counter() - start)
+
+    readers = [threading.Thread(target=read, args=(k,)) for k in range(len(procs))]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"pid decode failed ({p.returncode}):\n{p.stderr.read()[-3000:]}")
+    every = sorted(t for s in stamps for t in s)
+    all_started = max(s[0] for s in stamps)  # every GPU has written its first image
+    after = [t for t in every if t > all_started]
+    return {"devices": devices, "images": len(every), "first_image_s": every[0], "total_s": every[-1],
+            "steady_images_per_s": len(after) / (every[-1] - all_started)}
+
+
+def first_image(entry_id: str, size: int) -> None:
+    backbone = load_registry().get(entry_id).backbone
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        registry, embeds, latents = prepare(work, entry_id, size, 1)
+        decode(registry, embeds, latents, work / "warmup", "cuda:0", backbone, "on")  # fills compile caches
+        print(f"# {torch.cuda.get_device_name(0)}, {entry_id}, {size}², one image, compile caches warm")
+        print("| --compile | first image s (process start to PNG written) |")
+        print("|---|---|")
+        for i, mode in enumerate(["on", "auto", "on", "auto"]):
+            r = decode(registry, embeds, latents, work / f"run{i}", "cuda:0", backbone, mode)
+            print(f"| {mode} | {r['first_image_s']:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -78,7 +132,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--devices", nargs="+", default=["cuda:0", "cuda:0,cuda:1"])
+    ap.add_argument("--first-image", action="store_true", help="time one-image runs, --compile on vs auto")
+    ap.add_argument("--processes", action="store_true", help="also run one process per GPU for each --devices")
     args = ap.parse_args()
+    if args.first_image:
+        return first_image(args.entry, args.size)
     backbone = load_registry().get(args.entry).backbone
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -86,14 +144,19 @@ def main() -> None:
         decode(registry, embeds, latents, work / "warmup", args.devices[-1], backbone)  # fills compile caches
         print(f"# {torch.cuda.get_device_name(0)} ×{torch.cuda.device_count()}, {args.entry}, {args.size}², "
               f"{args.images} images, batch 1, compile caches warm")
-        print("| devices | images/s (steady) | speed-up | first image s | total s |")
-        print("|---|---|---|---|---|")
+        print("| devices | mode | images/s (steady) | speed-up | first image s | total s |")
+        print("|---|---|---|---|---|---|")
         base = None
         for devices in args.devices:
-            r = decode(registry, embeds, latents, work / devices.replace(",", "_").replace(":", ""), devices, backbone)
-            base = base or r["steady_images_per_s"]
-            print(f"| {devices} | {r['steady_images_per_s']:.2f} | {r['steady_images_per_s'] / base:.2f}x | "
-                  f"{r['first_image_s']:.1f} | {r['total_s']:.1f} |", flush=True)
+            modes = ["threads", "processes"] if args.processes and "," in devices else ["threads"]
+            for mode in modes:
+                run = decode if mode == "threads" else decode_processes
+                out = work / f"{mode}-{devices.replace(',', '_').replace(':', '')}"
+                r = run(registry, embeds, latents, out, devices, backbone)
+                rate = r["steady_images_per_s"]
+                base = base or rate
+                print(f"| {devices} | {mode} | {rate:.2f} | {rate / base:.2f}x | {r['first_image_s']:.1f} | "
+                      f"{r['total_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

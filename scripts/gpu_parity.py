@@ -28,6 +28,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b).norm() / b.norm()).item()
 
 
+def check_attention8(dev: torch.device) -> float:
+    """The 8-bit kernel must land where its torch reference does (relative L2 against fp32 attention),
+    including batch > 1, query count ≠ key count and key counts that are not whole blocks."""
+    import torch.nn.functional as F
+
+    from pid_cli.model import attention8
+
+    print("\n| 8-bit attention shape (B, Nq, Nk, heads, D) | reference vs fp32 | kernel vs fp32 |")
+    print("|---|---|---|")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    failed = 0.0
+    for b, nq, nk, heads, d in [(2, 1000, 1300, 3, 64), (1, 4096, 4396, 24, 64), (2, 777, 777, 4, 72),
+                                (1, 4096, 4096, 16, 72)]:
+        q, k, v = (torch.randn(b, n, heads, d, device=dev, generator=gen) for n in (nq, nk, nk))
+        q, k = q * 1.5, k + 0.3
+        exact = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        exact = exact.transpose(1, 2).cpu()
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        r_ref, r_kernel = rel(attention8.reference_attention(q, k, v), exact), rel(attention8.attention(q, k, v), exact)
+        print(f"| {(b, nq, nk, heads, d)} | {r_ref:.2e} | {r_kernel:.2e} |", flush=True)
+        if not (r_ref < 0.06 and r_kernel < 1.15 * r_ref + 1e-3):
+            failed = 1.0
+    return failed
+
+
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -58,6 +83,7 @@ def main() -> int:
                 worst = max(worst, 1.0)
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
+    worst = max(worst, check_attention8(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 

@@ -163,6 +163,9 @@ def test_fail_fast_stops_at_the_first_failure(setup):
     (["--steps", "9"], "--steps"),
     (["--batch-size", "0"], "--batch-size"),
     (["--name", "{stem}{colour}.png"], "unknown field"),
+    (["--attention", "4bit"], "--attention must be bf16 or 8bit"),
+    (["--attention", "8bit"], "supports head dims 64..96; this checkpoint has [8]"),
+    (["--compile", "maybe"], "--compile must be auto, on or off"),
 ])
 def test_usage_errors_exit_2(setup, extra, message):
     s = setup

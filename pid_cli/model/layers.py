@@ -176,8 +176,16 @@ def fast_attention():
     return sdpa_kernel(order, set_priority=True)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """SDPA over [B, N, heads, head_dim] inputs in the dtype of v; returns [B, N, heads·head_dim]."""
+ATTENTION_MODES = ("bf16", "8bit")  # "bf16": SDPA in the dtype of v (fp32 in an fp32 network)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "bf16") -> Tensor:
+    """Attention over [B, N, heads, head_dim] inputs; returns [B, N, heads·head_dim]. "8bit" is the
+    opt-in INT8/FP8 kernel of `attention8` (CUDA, head dims 64..96)."""
+    if mode == "8bit":
+        from pid_cli.model import attention8
+
+        return attention8.attention(q, k, v).flatten(2)
     q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, head_dim]
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)

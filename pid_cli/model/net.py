@@ -52,7 +52,8 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        head_dim = dim // heads
+        self.attention_mode = "bf16"  # see PiDNet.set_attention
+        self.head_dim = head_dim = dim // heads
         self.qkv_x = Linear(dim, 3 * dim, bias=False)
         self.qkv_y = Linear(dim, 3 * dim, bias=False)
         self.q_norm_x, self.k_norm_x = RMSNorm(head_dim), RMSNorm(head_dim)
@@ -69,9 +70,9 @@ class JointAttention(nn.Module):
         qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_y)
         n_txt = y.shape[1]
         if not text_out:  # only image queries are needed; text keys/values still are
-            out = attention(qx, torch.cat([ky, kx], 1), torch.cat([vy, vx], 1))
+            out = attention(qx, torch.cat([ky, kx], 1), torch.cat([vy, vx], 1), self.attention_mode)
             return self.proj_x(out), None
-        out = attention(torch.cat([qy, qx], 1), torch.cat([ky, kx], 1), torch.cat([vy, vx], 1))
+        out = attention(torch.cat([qy, qx], 1), torch.cat([ky, kx], 1), torch.cat([vy, vx], 1), self.attention_mode)
         return self.proj_x(out[:, n_txt:]), self.proj_y(out[:, :n_txt])
 
 
@@ -110,13 +111,16 @@ class PixelAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.attention_mode = "bf16"  # see PiDNet.set_attention
+        self.head_dim = dim // heads
         self.qkv = Linear(dim, 3 * dim, bias=False)
-        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = Linear(dim, dim)
 
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
-        return self.proj(attention(apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope), v))
+        q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
+        return self.proj(attention(q, k, v, self.attention_mode))
 
 
 class PiTBlock(nn.Module):
@@ -301,6 +305,29 @@ class PiDNet(nn.Module):
             target = dtype if isinstance(module, (nn.Linear, nn.Conv2d)) else torch.float32
             for param in module.parameters(recurse=False):
                 param.data = param.data.to(target)
+        return self
+
+    def set_attention(self, mode: str) -> PiDNet:
+        """Pick the attention arithmetic: "bf16" (SDPA, cuDNN first; exact in an fp32 network) or the
+        opt-in "8bit" kernel (INT8 Q·K, FP8 P·V; Hopper-class CUDA GPUs, ~2x the attention rate, error
+        published in BENCHMARKS.md). Set before the first decode: compiled graphs keep the mode they saw."""
+        from pid_cli.model import attention8
+        from pid_cli.model.layers import ATTENTION_MODES
+
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r}: expected one of {', '.join(ATTENTION_MODES)}")
+        modules = [m for m in self.modules() if hasattr(m, "attention_mode")]
+        if mode == "8bit":
+            dims = sorted({m.head_dim for m in modules})
+            if not all(attention8.supported(d) for d in dims):
+                raise ValueError(f"--attention 8bit supports head dims {attention8.MIN_HEAD_DIM}.."
+                                 f"{attention8.MAX_HEAD_DIM}; this checkpoint has {dims}")
+            device = next(self.parameters()).device
+            if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+                raise ValueError(f"--attention 8bit needs an NVIDIA GPU with 8-bit tensor cores (Ada/Hopper or "
+                                 f"newer); this decoder is on {device}")
+        for module in modules:
+            module.attention_mode = mode
         return self
 
     def condition(self, y: Tensor, lq_latent: Tensor | None, degrade_sigma: Tensor, height: int,

@@ -1,0 +1,112 @@
+"""8-bit attention for Hopper GPUs: the opt-in `--attention 8bit` precision mode.
+
+Why it exists: at 4096² attention is ~80% of a decode (1.65e15 FLOP per image) and cuDNN's bf16
+kernel already runs at its ceiling (~430 TFLOP/s on an H100). Hopper's 8-bit tensor cores have twice
+the bf16 rate, and PyTorch's SDPA refuses 8-bit inputs, so the kernel is ours (Triton).
+
+Q·K runs in INT8 and P·V in FP8 (e4m3), the split SageAttention made popular: logits are sums of
+many products whose operands have a bounded range, where INT8's uniform 8 bits lose ~4x less than
+FP8's 4-bit mantissa; probabilities span decades, which only a float format keeps.
+  Q  one scale per query row (its max |q| / 127), rounded to INT8 inside the kernel from bf16.
+  K  the per-head mean over all keys removed first (adding q·mean to a whole row of logits leaves
+     softmax unchanged, and it shrinks what 8 bits must hold), then one scale per block of 128 keys.
+  V  one FP8 scale per channel over all keys; stored transposed, [.., head_dim, keys], as Hopper's
+     8-bit MMA wants its second operand.
+  P  the softmax numerator exp2(s - max) ∈ (0, 1] times 448, e4m3's full range.
+Logits, the running max and sum and both accumulators stay fp32.
+
+Head dims 64 (MMDiT) and 72 (PiT) are what PiD has. Triton blocks are powers of two, so a head dim
+above 64 is split into a 64-wide part and a zero-padded remainder (32 wide for Q·K, whose 8-bit MMA
+needs K ≥ 32; 16 wide for P·V).
+
+`reference_attention` computes the same quantised arithmetic with plain torch ops on any device; the
+tests hold it against exact attention on the CPU, and `scripts/gpu_parity.py` holds the kernel against
+both on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KEY_BLOCK = 128  # keys per K scale; the kernel's BLOCK_N divides it
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 96
+
+
+def supported(head_dim: int) -> bool:
+    return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
+
+
+def split_widths(head_dim: int) -> tuple[int, int]:
+    """Widths of the zero-padded remainder above the first 64 channels: (for Q·K, for P·V)."""
+    rest = head_dim - 64
+    if rest == 0:
+        return 0, 0
+    pow2 = 1 << (rest - 1).bit_length()
+    return max(32, pow2), max(16, pow2)
+
+
+def _round_int8(x: Tensor) -> Tensor:
+    return torch.round(x).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """k, v [B, N, heads, D] → k8 [B, heads, Np, Dqk] int8, k_scale [B, heads, Np/128] fp32,
+    v8 [B, heads, Dv, Np] float8_e4m3fn (transposed), v_scale [B, heads, D] fp32; Np is N rounded up
+    to 128; padding rows and channels are zero."""
+    n, d = k.shape[1], k.shape[3]
+    qk_rest, v_rest = split_widths(d)
+    n_pad = -(-n // KEY_BLOCK) * KEY_BLOCK
+    k = k.float()
+    k = (k - k.mean(1, keepdim=True)).transpose(1, 2)  # [B, heads, N, D]
+    k = F.pad(k, (0, 64 + qk_rest - d, 0, n_pad - n))  # [B, heads, Np, Dqk]
+    blocks = k.unflatten(2, (n_pad // KEY_BLOCK, KEY_BLOCK))  # [B, heads, Np/128, 128, Dqk]
+    k_scale = blocks.abs().amax((-1, -2)).clamp_min(1e-20) / INT8_MAX  # [B, heads, Np/128]
+    k8 = _round_int8(blocks / k_scale[..., None, None]).flatten(2, 3)
+    v = v.float()
+    v_scale = v.abs().amax(1).clamp_min(1e-20) / FP8_MAX  # [B, heads, D]
+    v = (v / v_scale[:, None]).permute(0, 2, 3, 1)  # [B, heads, D, N]
+    v8 = F.pad(v, (0, n_pad - n, 0, 64 + v_rest - d)).to(torch.float8_e4m3fn)  # [B, heads, Dv, Np]
+    return k8, k_scale, v8.contiguous(), v_scale
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The kernel's arithmetic with plain torch ops (P quantised against the exact row max rather
+    than the kernel's running one). q [B, Nq, heads, D], k, v [B, N, heads, D] → [B, Nq, heads, D] in
+    v's dtype."""
+    n, d = k.shape[1], k.shape[3]
+    k8, k_scale, v8, v_scale = quantize_kv(k, v)
+    q = q.float().transpose(1, 2)  # [B, heads, Nq, D]
+    q_scale = q.abs().amax(-1, keepdim=True).clamp_min(1e-20) / INT8_MAX
+    q8 = _round_int8(q / q_scale).float()
+    keys = (k8.float().unflatten(2, (-1, KEY_BLOCK)) * k_scale[..., None, None]).flatten(2, 3)[:, :, :n, :d]
+    logits = (q8 @ keys.transpose(-1, -2)) * q_scale * (math.log2(math.e) / math.sqrt(d))  # log2 units
+    p = torch.exp2(logits - logits.amax(-1, keepdim=True)) * FP8_MAX
+    p8 = p.to(torch.float8_e4m3fn).float()
+    values = v8.float()[:, :, :d, :n].transpose(-1, -2)  # [B, heads, N, D], still scaled per channel
+    out = (p8 @ values) / p.sum(-1, keepdim=True) * v_scale[:, :, None, :]
+    return out.transpose(1, 2).to(v.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """8-bit attention on a CUDA GPU. q [B, Nq, heads, D], k, v [B, N, heads, D] → [B, Nq, heads, D]
+    in v's dtype."""
+    k8, k_scale, v8, v_scale = quantize_kv(k, v)
+    return torch.ops.pid.attention8(q.to(v.dtype), k8, k_scale, v8, v_scale, k.shape[1])
+
+
+@torch.library.custom_op("pid::attention8", mutates_args=())
+def _attention8_op(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int) -> Tensor:
+    from pid_cli.model import attention8_kernel
+
+    return attention8_kernel.launch(q, k8, k_scale, v8, v_scale, n_kv)
+
+
+@_attention8_op.register_fake
+def _(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int) -> Tensor:
+    return q.new_empty(q.shape)

@@ -1,0 +1,146 @@
+"""The Triton kernel behind `attention8` (its module docstring has the arithmetic and why).
+
+One program owns BLOCK_M query rows of one (batch, head): it rounds them to INT8, then streams the
+pre-quantised keys and values in blocks of BLOCK_N with the online softmax, logits and
+accumulators in fp32. Key blocks past the last full one are masked; nothing else needs masks
+because keys and values are zero-padded to whole blocks of 128.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from pid_cli.model.attention8 import KEY_BLOCK, split_widths
+
+INT8_MAX: tl.constexpr = tl.constexpr(127.0)
+LOG2_FP8_MAX: tl.constexpr = tl.constexpr(math.log2(448.0))
+# int32 → fp32 without a conversion instruction (those share the slow pipe with exp2): for |s| < 2^22,
+# the float whose bits are s + 0x4B400000 is exactly 1.5·2^23 + s
+MAGIC_BITS: tl.constexpr = tl.constexpr(0x4B400000)
+MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, the fastest on an H100 in
+# `scripts/attention8_bench.py --sweep` (Triton 3.6; its automatic warp specialisation failed to compile
+# or did not help here)
+CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 128, 4, 3), 72: (64, 128, 4, 3)}
+DEFAULT_CONFIG = (64, 128, 4, 3)
+
+
+@triton.jit
+def _round_int8(x):
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # the cast truncates; |x| ≤ 127 by the scale
+
+
+@triton.jit
+def _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base, ks_base, start, n_kv, n_pad,
+            D_LO: tl.constexpr, D_HI: tl.constexpr, DV_HI: tl.constexpr, BLOCK_N: tl.constexpr,
+            KEY_BLOCK: tl.constexpr, MASK: tl.constexpr):
+    """One block of BLOCK_N keys into the running softmax state."""
+    keys = start + tl.arange(0, BLOCK_N)
+    d_qk = D_LO + D_HI
+    k_t = tl.load(k_base + keys[None, :] * d_qk + tl.arange(0, D_LO)[:, None])  # [D_LO, BLOCK_N]
+    s = tl.dot(q8_lo, k_t, out_dtype=tl.int32)  # [BLOCK_M, BLOCK_N] integer products
+    if D_HI > 0:
+        k_t_hi = tl.load(k_base + keys[None, :] * d_qk + (D_LO + tl.arange(0, D_HI))[:, None])
+        s = tl.dot(q8_hi, k_t_hi, s, out_dtype=tl.int32)
+    s = (s + MAGIC_BITS).to(tl.float32, bitcast=True)  # MAGIC + s, exactly (|s| ≤ 127²·96 < 2^22)
+    factor = row_factor * tl.load(ks_base + start // KEY_BLOCK)  # [BLOCK_M]: logits in log2 units = s · factor
+    if MASK:
+        s = tl.where((keys < n_kv)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, (tl.max(s, 1) - MAGIC) * factor)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2((s - MAGIC) * factor[:, None] - (m_new - LOG2_FP8_MAX)[:, None])  # (0, 448]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p8 = p.to(tl.float8e4nv)
+    v = tl.load(v_base + tl.arange(0, D_LO)[None, :] * n_pad + keys[:, None])  # [BLOCK_N, D_LO]
+    acc_lo = tl.dot(p8, v, acc_lo * alpha[:, None])
+    if DV_HI > 0:
+        v_hi = tl.load(v_base + (D_LO + tl.arange(0, DV_HI))[None, :] * n_pad + keys[:, None])
+        acc_hi = tl.dot(p8, v_hi, acc_hi * alpha[:, None])
+    return acc_lo, acc_hi, m_new, l_i
+
+
+@triton.jit
+def _attention8_kernel(Q, K8, KS, V8, VS, Out,
+                          stride_qb, stride_qn, stride_qh, stride_ob, stride_on, stride_oh,
+                          n_q, n_kv, n_pad, heads, qk_scale,
+                          HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, DV_HI: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+
+    # this block's queries, one INT8 scale per row
+    q_rows = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+    q_lo = tl.load(q_rows + tl.arange(0, D_LO)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(q_lo), 1)
+    if D_HI > 0:
+        cols_hi = D_LO + tl.arange(0, D_HI)
+        q_hi = tl.load(q_rows + cols_hi[None, :], mask=row_ok[:, None] & (cols_hi < HEAD_DIM)[None, :],
+                       other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(q_hi), 1))
+    q_scale = tl.maximum(amax, 1e-20) / INT8_MAX
+    q8_lo = _round_int8(q_lo / q_scale[:, None])
+    q8_hi = q8_lo  # unused unless D_HI > 0
+    if D_HI > 0:
+        q8_hi = _round_int8(q_hi / q_scale[:, None])
+    row_factor = q_scale * qk_scale
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, D_LO], tl.float32)
+    acc_hi = acc_lo  # unused unless DV_HI > 0
+    if DV_HI > 0:
+        acc_hi = tl.zeros([BLOCK_M, DV_HI], tl.float32)
+    k_base = K8 + bh.to(tl.int64) * n_pad * (D_LO + D_HI)
+    v_base = V8 + bh.to(tl.int64) * n_pad * (D_LO + DV_HI)
+    ks_base = KS + bh * (n_pad // KEY_BLOCK)
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        acc_lo, acc_hi, m_i, l_i = _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base,
+                                           ks_base, start, n_kv, n_pad, D_LO, D_HI, DV_HI, BLOCK_N, KEY_BLOCK,
+                                           False)
+    for start in range(n_full, n_kv, BLOCK_N):  # the partial last block, if any
+        acc_lo, acc_hi, m_i, l_i = _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base,
+                                           ks_base, start, n_kv, n_pad, D_LO, D_HI, DV_HI, BLOCK_N, KEY_BLOCK,
+                                           True)
+
+    # out = acc · v_scale / l
+    inv_l = 1.0 / l_i
+    o_rows = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+    cols = tl.arange(0, D_LO)
+    v_scale = tl.load(VS + bh * HEAD_DIM + cols)
+    tl.store(o_rows + cols[None, :], (acc_lo * v_scale[None, :] * inv_l[:, None]).to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+    if DV_HI > 0:
+        cols_hi = D_LO + tl.arange(0, DV_HI)
+        col_ok = cols_hi < HEAD_DIM
+        v_scale_hi = tl.load(VS + bh * HEAD_DIM + cols_hi, mask=col_ok, other=0.0)
+        tl.store(o_rows + cols_hi[None, :],
+                 (acc_hi * v_scale_hi[None, :] * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def launch(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int,
+           config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """q [B, Nq, heads, D] (bf16 or fp32) and `quantize_kv`'s outputs → [B, Nq, heads, D] in q's dtype."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    b, n_q, heads, d = q.shape
+    d_hi, dv_hi = split_widths(d)
+    block_m, block_n, warps, stages = config or CONFIGS.get(d, DEFAULT_CONFIG)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(n_q, block_m), b * heads)
+    _attention8_kernel[grid](
+        q, k8, k_scale, v8, v_scale, out, q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), n_q, n_kv, k8.shape[2], heads, math.log2(math.e) / math.sqrt(d),
+        HEAD_DIM=d, D_LO=64, D_HI=d_hi, DV_HI=dv_hi, BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCK=KEY_BLOCK,
+        num_warps=warps, num_stages=stages)
+    return out

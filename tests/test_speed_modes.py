@@ -1,0 +1,173 @@
+"""The opt-in speed modes: 8-bit attention arithmetic (its torch reference; the Triton kernel itself is
+checked against it on a GPU by scripts/gpu_parity.py), `--compile auto`, and the gate that keeps
+compiled decodes on several GPUs away from a compilation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from pid_cli.model import PiDNet, attention8
+from pid_cli.pipeline import CompileGate
+from pid_cli.registry import load_registry
+from pid_cli.runner import COMPILE_MIN_MEGAPIXELS, DecodeJob, Item, compile_for
+
+
+def pid_like(n: int, heads: int, d: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Unit-RMS vectors per head, as PiD's q/k RMSNorm makes them."""
+    x = torch.randn(2, n, heads, d, generator=gen)
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt() * scale
+
+
+def exact(q, k, v):
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2).double() for t in (q, k, v))).transpose(1, 2)
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("d, nq, nk", [(64, 300, 429), (72, 256, 256), (72, 100, 700)])
+@pytest.mark.parametrize("logit_scale", [1.0, 3.0])
+def test_8bit_reference_stays_near_exact_attention(d, nq, nk, logit_scale):
+    gen = torch.Generator().manual_seed(d + nq)
+    q, k = pid_like(nq, 3, d, gen, logit_scale), pid_like(nk, 3, d, gen)
+    v = torch.randn(2, nk, 3, d, generator=gen)
+    truth = exact(q, k, v)
+    error = rel(attention8.reference_attention(q, k, v), truth)
+    bf16 = rel(exact(q.bfloat16(), k.bfloat16(), v.bfloat16()), truth)
+    assert 1e-3 < error < 0.05  # quantised (not exact), within what BENCHMARKS.md reports
+    assert error > 3 * bf16  # the price of the mode is real and is why it is opt-in
+
+
+def test_shared_key_offset_costs_no_precision():
+    """Removing the per-head key mean keeps INT8's range for what varies between keys."""
+    gen = torch.Generator().manual_seed(1)
+    q, k = pid_like(200, 2, 64, gen, 2.0), pid_like(300, 2, 64, gen)
+    v = torch.randn(2, 300, 2, 64, generator=gen)
+    offset = 20 * torch.randn(64, generator=gen)  # softmax ignores it, an INT8 scale would not
+    base = rel(attention8.reference_attention(q, k, v), exact(q, k, v))
+    shifted = rel(attention8.reference_attention(q, k + offset, v), exact(q, k + offset, v))
+    assert shifted < 1.2 * base
+
+
+def test_quantize_kv_layout_padding_and_scales():
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(1, 300, 2, 72, generator=gen), torch.randn(1, 300, 2, 72, generator=gen) * 5
+    k8, k_scale, v8, v_scale = attention8.quantize_kv(k, v)
+    assert k8.dtype == torch.int8 and tuple(k8.shape) == (1, 2, 384, 96)  # 300 keys → 3 blocks of 128; 72 → 64 + 32
+    assert v8.dtype == torch.float8_e4m3fn and tuple(v8.shape) == (1, 2, 80, 384)  # transposed; 72 → 64 + 16
+    assert tuple(k_scale.shape) == (1, 2, 3) and tuple(v_scale.shape) == (1, 2, 72)
+    assert (k8[:, :, 300:] == 0).all() and (k8[..., 72:] == 0).all()
+    assert (v8[:, :, :, 300:].float() == 0).all() and (v8[:, :, 72:].float() == 0).all()
+    assert k8.abs().max() == 127 and v8.float().abs().max() == 448  # each scale uses the whole range
+    centred = (k - k.mean(1, keepdim=True)).transpose(1, 2)  # [1, 2, 300, 72]
+    blocks = (k8.float().unflatten(2, (3, 128)) * k_scale[..., None, None]).flatten(2, 3)[:, :, :300, :72]
+    assert (blocks - centred).abs().max() <= k_scale.max() / 2 + 1e-6  # rounding, never clipping
+    values = v8.float()[:, :, :72, :300].transpose(-1, -2) * v_scale[:, :, None, :]
+    subnormal_step = v_scale[:, :, None, :] * 2**-9  # e4m3's spacing below its smallest normal, 2^-6
+    error = (values - v.transpose(1, 2)).abs()
+    assert (error <= v.transpose(1, 2).abs() / 16 + subnormal_step).all()  # 3-bit mantissa, round to nearest
+
+
+def test_head_dim_split():
+    assert attention8.split_widths(64) == (0, 0)
+    assert attention8.split_widths(72) == (32, 16)
+    assert attention8.split_widths(96) == (32, 32)
+    assert [d for d in range(32, 130) if attention8.supported(d)] == list(range(64, 97))
+
+
+def test_set_attention_validates_mode_head_dims_and_device():
+    net = PiDNet(**tiny_config("v1_flux"))
+    with pytest.raises(ValueError, match="expected one of bf16, 8bit"):
+        net.set_attention("fp8")
+    with pytest.raises(ValueError, match=r"head dims 64..96; this checkpoint has \[8\]"):
+        net.set_attention("8bit")
+    with torch.device("meta"):
+        full = PiDNet(**load_registry().get("flux2-2kto4k-v1.5").net_config)  # head dims 64 and 72
+    with pytest.raises(ValueError, match=r"needs an NVIDIA GPU .* on meta"):
+        full.set_attention("8bit")
+    modes = {m.attention_mode for m in full.modules() if hasattr(m, "attention_mode")}
+    assert modes == {"bf16"}  # a refused switch changes nothing
+    assert len([m for m in full.modules() if hasattr(m, "attention_mode")]) == 14 + 2  # every MMDiT and PiT block
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --compile auto
+
+
+def job(compile: str, devices: list[str]) -> DecodeJob:
+    entry = load_registry().get("flux2-2kto4k-v1.5")
+    return DecodeJob(inputs=[], out=None, entry=entry, weights=None, compile=compile,
+                     devices=[torch.device(d) for d in devices])
+
+
+def items(n: int, hw: int) -> list[Item]:
+    return [Item(None, 0, (32, hw, hw), None, 0.0, 0, "") for _ in range(n)]
+
+
+def test_compile_auto_compiles_only_runs_long_enough_to_pay_it_back():
+    entry = load_registry().get("flux2-2kto4k-v1.5")
+    scale = entry.latent.vae_factor * entry.sr_scale
+    hw_2k = 2048 // scale
+    per_image = 2048 * 2048 / 1e6
+    enough = int(COMPILE_MIN_MEGAPIXELS / per_image) + 1
+    assert compile_for(job("auto", ["cuda:0"]), items(1, hw_2k), scale) is False  # one image: first PNG in seconds
+    assert compile_for(job("auto", ["cuda:0"]), items(enough, hw_2k), scale) is True
+    assert compile_for(job("auto", ["cuda:0", "cuda:1"]), items(enough, hw_2k), scale) is False  # per GPU
+    assert compile_for(job("auto", ["cuda:0"]), items(enough // 4 + 1, 4 * hw_2k // 2), scale) is True  # 4K
+    assert compile_for(job("on", ["cuda:0"]), items(1, hw_2k), scale) is True
+    assert compile_for(job("off", ["cuda:0"]), items(10_000, hw_2k), scale) is False
+    assert compile_for(job("auto", ["cpu"]), items(10_000, hw_2k), scale) is None  # the Decoder's CPU default
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CompileGate
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_compiled_runs_overlap_but_never_a_compilation():
+    gate, log, lock = CompileGate(), [], threading.Lock()
+    active = {"run": 0, "compile": 0, "max_run": 0, "overlap": False}
+    release = threading.Event()
+
+    def section(kind: str, hold: threading.Event | None) -> None:
+        with gate.compiling() if kind == "compile" else gate.running():
+            with lock:
+                active[kind] += 1
+                active["max_run"] = max(active["max_run"], active["run"])
+                active["overlap"] |= active["compile"] > 1 or bool(active["compile"] and active["run"])
+                log.append(kind)
+            if hold:
+                hold.wait(5)
+            with lock:
+                active[kind] -= 1
+
+    threads = [threading.Thread(target=section, args=("run", release)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: gate._running == 3)  # three compiled decodes in flight, together
+    threads.append(threading.Thread(target=section, args=("compile", None)))
+    threads[-1].start()
+    wait_until(lambda: gate._waiting == 1)  # the compilation waits for them
+    threads.append(threading.Thread(target=section, args=("run", None)))  # a decode arriving now waits too
+    threads[-1].start()
+    time.sleep(0.05)
+    assert log == ["run"] * 3
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert not active["overlap"]
+    assert active["max_run"] == 3
+    assert log == ["run", "run", "run", "compile", "run"]  # the waiting compilation was not starved
