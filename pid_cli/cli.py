@@ -331,7 +331,7 @@ def decode(
                                            "attention speed (most of a 4K decode) at a small, measured error "
                                            "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
     compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
-                                         "(~30% faster per image, ~15-20 s to start per output size); auto "
+                                         "(16-34% faster per image, ~15-20 s to start per output size); auto "
                                          "compiles only when each GPU has over 400 output megapixels to decode "
                                          "(~96 2K or 24 4K images).")] = "auto",
     bit_depth: Annotated[int, typer.Option("--bit-depth", help="8 or 16 bits per channel.")] = 8,

@@ -737,8 +737,8 @@ def _vae_weights(job: DecodeJob) -> Path:
     return hub.ensure_files(job.entry, vae=True, text_encoder=False).vae["weights"]
 
 
-# torch.compile costs ~15-20 s per output size even with warm caches and saves ~0.045 s per output
-# megapixel on an H100/H200 (BENCHMARKS.md): it pays for itself after ~400 MP per GPU
+# torch.compile costs ~15-20 s per output size even with warm caches and saves 0.045-0.056 s per output
+# megapixel on an H200/H100 (BENCHMARKS.md): it pays for itself after 300-450 MP per GPU
 COMPILE_MIN_MEGAPIXELS = 400
 
 
