@@ -74,6 +74,17 @@ def time_decode(entry, device: torch.device, size: int = 2048) -> str:
             "`pid decode` compiles the blocks and runs faster")
 
 
+def _attention8_status(capability: tuple[int, int]) -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not available: Triton is not installed"
+    arch = f"sm_{capability[0]}{capability[1]}"
+    if capability < (8, 9):
+        return f"not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is {arch}"
+    return f"available as --attention 8bit ({arch}, Triton {triton.__version__})"
+
+
 def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
     """(check, passed (None: information), detail) rows."""
     rows: list[tuple[str, bool | None, str]] = [("pid", None, __version__), ("torch", None, torch.__version__)]
@@ -87,6 +98,7 @@ def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
         rows.append(("cuDNN attention", torch.backends.cuda.cudnn_sdp_enabled(),
                      "enabled (preferred)" if torch.backends.cuda.cudnn_sdp_enabled() else
                      "disabled: flash/efficient SDPA will be used (slower)"))
+        rows.append(("8-bit attention", None, _attention8_status(torch.cuda.get_device_capability(device))))
     else:
         rows.append(("GPUs", None, "none: decoding runs on the CPU in fp32 (slow at 2K/4K)"))
     try:
