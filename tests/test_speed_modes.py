@@ -171,3 +171,31 @@ def test_compiled_runs_overlap_but_never_a_compilation():
     assert not active["overlap"]
     assert active["max_run"] == 3
     assert log == ["run", "run", "run", "compile", "run"]  # the waiting compilation was not starved
+
+
+def test_8bit_mode_runs_every_attention_of_the_network_through_the_quantised_path(monkeypatch):
+    """The network plumbing of `--attention 8bit`, on the CPU (where the op runs the kernel's arithmetic in
+    torch): every MMDiT and PiT attention goes through it, shapes survive, and the decode moves by what
+    quantisation costs, not more."""
+    cfg = {**tiny_config("v1_flux"), "hidden_size": 128, "num_groups": 2,  # head dim 64
+           "pixel_attn_hidden_size": 144, "pixel_num_groups": 2}  # head dim 72
+    torch.manual_seed(0)
+    net = PiDNet(**cfg).eval()
+    for name, p in net.named_parameters():  # non-zero everywhere, so attention reaches the output
+        p.data = torch.randn_like(p) * 0.2 if "norm" not in name else torch.ones_like(p)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1, 3, 32, 64, generator=gen), torch.randn(1, 12, 32, generator=gen)
+    lq, t, sigma = torch.randn(1, 16, 1, 2, generator=gen), torch.tensor([0.7]), torch.tensor([0.0])
+    with torch.inference_mode():
+        exact_out = net(x, t, y, lq, sigma)
+    calls = []
+    quantized = attention8.attend_quantized
+    monkeypatch.setattr(attention8, "attend_quantized", lambda *a: calls.append(a[0].shape[-1]) or quantized(*a))
+    for module in net.modules():
+        if hasattr(module, "attention_mode"):
+            module.attention_mode = "8bit"  # set_attention refuses the CPU, where this path is only a reference
+    with torch.inference_mode():
+        out8 = net(x, t, y, lq, sigma)
+    assert sorted(set(calls)) == [64, 72] and len(calls) == cfg["patch_depth"] + cfg["pixel_depth"]
+    assert out8.shape == exact_out.shape and torch.isfinite(out8).all()
+    assert 1e-4 < rel(out8, exact_out.double()) < 5e-2

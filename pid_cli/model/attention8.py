@@ -75,22 +75,27 @@ def quantize_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return k8, k_scale, v8.contiguous(), v_scale
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The kernel's arithmetic with plain torch ops (P quantised against the exact row max rather
-    than the kernel's running one). q [B, Nq, heads, D], k, v [B, N, heads, D] → [B, Nq, heads, D] in
-    v's dtype."""
-    n, d = k.shape[1], k.shape[3]
-    k8, k_scale, v8, v_scale = quantize_kv(k, v)
-    q = q.float().transpose(1, 2)  # [B, heads, Nq, D]
-    q_scale = q.abs().amax(-1, keepdim=True).clamp_min(1e-20) / INT8_MAX
-    q8 = _round_int8(q / q_scale).float()
-    keys = (k8.float().unflatten(2, (-1, KEY_BLOCK)) * k_scale[..., None, None]).flatten(2, 3)[:, :, :n, :d]
+def attend_quantized(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int) -> Tensor:
+    """The kernel's arithmetic on `quantize_kv`'s outputs with plain torch ops, P quantised against the exact
+    row max rather than the kernel's running one: the op's CPU implementation and the reference the GPU
+    kernel is held to. q [B, Nq, heads, D] → [B, Nq, heads, D] in q's dtype."""
+    d = q.shape[-1]
+    q32 = q.float().transpose(1, 2)  # [B, heads, Nq, D]
+    q_scale = q32.abs().amax(-1, keepdim=True).clamp_min(1e-20) / INT8_MAX
+    q8 = _round_int8(q32 / q_scale).float()
+    keys = (k8.float().unflatten(2, (-1, KEY_BLOCK)) * k_scale[..., None, None]).flatten(2, 3)[:, :, :n_kv, :d]
     logits = (q8 @ keys.transpose(-1, -2)) * q_scale * (math.log2(math.e) / math.sqrt(d))  # log2 units
     p = torch.exp2(logits - logits.amax(-1, keepdim=True)) * FP8_MAX
     p8 = p.to(torch.float8_e4m3fn).float()
-    values = v8.float()[:, :, :d, :n].transpose(-1, -2)  # [B, heads, N, D], still scaled per channel
+    values = v8.float()[:, :, :d, :n_kv].transpose(-1, -2)  # [B, heads, N, D], still scaled per channel
     out = (p8 @ values) / p.sum(-1, keepdim=True) * v_scale[:, :, None, :]
-    return out.transpose(1, 2).to(v.dtype)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`attention`'s result computed with torch ops on any device. q [B, Nq, heads, D], k, v [B, N, heads, D]
+    → [B, Nq, heads, D] in v's dtype."""
+    return attend_quantized(q.to(v.dtype), *quantize_kv(k, v), k.shape[1])
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -105,6 +110,11 @@ def _attention8_op(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: 
     from pid_cli.model import attention8_kernel
 
     return attention8_kernel.launch(q, k8, k_scale, v8, v_scale, n_kv)
+
+
+@_attention8_op.register_kernel("cpu")
+def _(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int) -> Tensor:
+    return attend_quantized(q, k8, k_scale, v8, v_scale, n_kv)  # for tests: the same arithmetic, slowly
 
 
 @_attention8_op.register_fake
