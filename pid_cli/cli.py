@@ -327,8 +327,8 @@ def decode(
     dtype: Annotated[str | None, typer.Option("--dtype", help="bf16 or fp32 (default: bf16 on GPU, fp32 on "
                                               "CPU).")] = None,
     attention: Annotated[str, typer.Option("--attention", help="bf16 (cuDNN, exact to the bf16 policy) or "
-                                           "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs, about twice the "
-                                           "attention speed (most of a 4K decode) at a small, measured error "
+                                           "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs; on an H100 a 4K "
+                                           "decode is 1.18x faster (2K: 1.09x) at a small, measured error "
                                            "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
     compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
                                          "(16-34% faster per image, ~15-20 s to start per output size); auto "
