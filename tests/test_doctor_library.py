@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -35,12 +36,30 @@ def test_doctor_fails_when_the_computation_is_wrong(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "FAIL" in result.output
 
 
-def test_decoder_library_api(tmp_path):
+def test_compiled_decoders_keep_their_kernel_cache_with_pids_cache(tmp_path, monkeypatch):
+    entry = _tiny_entry(tmp_path)
+    monkeypatch.setenv("PID_CACHE_DIR", str(tmp_path / "pid-cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so the teardown restores the original state
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    pid_cli.Decoder(entry, entry.weights.path, compile=False)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # an eager decoder leaves torch alone
+    pid_cli.Decoder(entry, entry.weights.path, compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "pid-cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    pid_cli.Decoder(entry, entry.weights.path, compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's choice wins
+
+
+def _tiny_entry(tmp_path):
     reg = tmp_path / "registry.yaml"
     reg.write_text(yaml.safe_dump({"version": 1, "entries": [{
         "id": "tiny", "base": "flux-2k", "variant": "tiny", "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"),
         "net_config": tiny_config("v1_flux")}]}))
-    entry = load_registry([reg]).resolve("zimage", "tiny")  # an alias resolves to the flux entry
+    return load_registry([reg]).resolve("zimage", "tiny")  # an alias resolves to the flux entry
+
+
+def test_decoder_library_api(tmp_path):
+    entry = _tiny_entry(tmp_path)
     dec = pid_cli.Decoder(entry, entry.weights.path)
     latents = torch.randn(2, 16, 2, 3, generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(1))
