@@ -362,6 +362,7 @@ def decode(
     from pid_cli import hub
     from pid_cli.inputs import InputError, parse_shard, shard_from_env
     from pid_cli.latents import FORMATS, parse_size
+    from pid_cli.model.layers import ATTENTION_MODES
     from pid_cli.outputs import check_writable
     from pid_cli.registry import RegistryError, load_registry
     from pid_cli.runner import EXIT_USAGE, DecodeJob, run
@@ -376,8 +377,8 @@ def decode(
         raise usage("--bit-depth must be 8 or 16")
     if dtype not in (None, "bf16", "fp32"):
         raise usage("--dtype must be bf16 or fp32")
-    if attention not in ("bf16", "8bit"):
-        raise usage("--attention must be bf16 or 8bit")
+    if attention not in ATTENTION_MODES:
+        raise usage(f"--attention must be {' or '.join(ATTENTION_MODES)}")
     if compile not in ("auto", "on", "off"):
         raise usage("--compile must be auto, on or off")
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):

@@ -114,7 +114,6 @@ class Decoder:
         load_weights(net, self.weights)  # adopts the file's tensors: no random init, no second copy
         self.net = net.to_inference_dtype(self.dtype).to(self.device).eval().requires_grad_(False)
         self.net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see model/attention8.py)
-        self.attention = attention
         self.compiled = compile if compile is not None else self.device.type == "cuda"
         if self.compiled:
             persist_compile_caches()

@@ -753,7 +753,7 @@ def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
     return megapixels / len(job.devices) >= COMPILE_MIN_MEGAPIXELS
 
 
-def _load_decoders(job: DecodeJob, compile: bool | None = None) -> list[Decoder]:
+def _load_decoders(job: DecodeJob, compile: bool | None) -> list[Decoder]:
     def load(device: torch.device) -> Decoder:
         try:
             return Decoder(job.entry, job.weights, device=device, dtype=job.dtype, text_encoder=job.text_encoder,
