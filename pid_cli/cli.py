@@ -330,6 +330,10 @@ def decode(
                                            "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs; on an H100 a 4K "
                                            "decode is 1.18x faster (2K: 1.09x) at a small, measured error "
                                            "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
+    matmul: Annotated[str, typer.Option("--matmul", help="bf16 or fp8: the image-token matmuls in FP8 on "
+                                        "Hopper/Ada GPUs; on an H100 a 2K decode is 1.07x faster (4K: 1.02x), "
+                                        "1.14x / 1.19x together with --attention 8bit, at a small, measured "
+                                        "error (BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
     compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
                                          "(16-34% faster per image, ~15-20 s to start per output size); auto "
                                          "compiles only when each GPU has over 400 output megapixels to decode "
@@ -363,6 +367,7 @@ def decode(
     from pid_cli.inputs import InputError, parse_shard, shard_from_env
     from pid_cli.latents import FORMATS, parse_size
     from pid_cli.model.layers import ATTENTION_MODES
+    from pid_cli.model.linear8 import MATMUL_MODES
     from pid_cli.outputs import check_writable
     from pid_cli.registry import RegistryError, load_registry
     from pid_cli.runner import EXIT_USAGE, DecodeJob, run
@@ -379,6 +384,8 @@ def decode(
         raise usage("--dtype must be bf16 or fp32")
     if attention not in ATTENTION_MODES:
         raise usage(f"--attention must be {' or '.join(ATTENTION_MODES)}")
+    if matmul not in MATMUL_MODES:
+        raise usage(f"--matmul must be {' or '.join(MATMUL_MODES)}")
     if compile not in ("auto", "on", "off"):
         raise usage("--compile must be auto, on or off")
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
@@ -393,8 +400,8 @@ def decode(
         job = DecodeJob(
             inputs=inputs, out=out, entry=entry, weights=files.weights, template=name,
             batch_size=None if batch_size == "auto" else int(batch_size), devices=_parse_devices(devices),
-            seed=seed, steps=steps, dtype=dtype, attention=attention, compile=compile, bit_depth=bit_depth,
-            metadata=metadata, overwrite=overwrite, fail_fast=fail_fast, recursive=recursive,
+            seed=seed, steps=steps, dtype=dtype, attention=attention, matmul=matmul, compile=compile,
+            bit_depth=bit_depth, metadata=metadata, overwrite=overwrite, fail_fast=fail_fast, recursive=recursive,
             latent_format=latent_format, key=key,
             latent_size=parse_size(latent_size) if latent_size else None, degrade_sigma=degrade_sigma,
             target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,

@@ -85,6 +85,20 @@ def _attention8_status(capability: tuple[int, int]) -> str:
     return f"available as --attention 8bit ({arch}, Triton {triton.__version__})"
 
 
+def _fp8_matmul_status(device: torch.device) -> str:
+    from pid_cli.model import linear8
+
+    capability = torch.cuda.get_device_capability(device)
+    arch = f"sm_{capability[0]}{capability[1]}"
+    if capability < (8, 9):
+        return f"not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is {arch}"
+    try:
+        linear8.probe(device)
+    except ValueError as e:
+        return f"not available: {e}"
+    return f"available as --matmul fp8 ({arch})"
+
+
 def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
     """(check, passed (None: information), detail) rows."""
     rows: list[tuple[str, bool | None, str]] = [("pid", None, __version__), ("torch", None, torch.__version__)]
@@ -99,6 +113,7 @@ def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
                      "enabled (preferred)" if torch.backends.cuda.cudnn_sdp_enabled() else
                      "disabled: flash/efficient SDPA will be used (slower)"))
         rows.append(("8-bit attention", None, _attention8_status(torch.cuda.get_device_capability(device))))
+        rows.append(("FP8 matmuls", None, _fp8_matmul_status(device)))
     else:
         rows.append(("GPUs", None, "none: decoding runs on the CPU in fp32 (slow at 2K/4K)"))
     try:

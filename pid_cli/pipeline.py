@@ -19,6 +19,7 @@ from torch import Tensor
 from pid_cli import paths
 from pid_cli.model import PiDNet, load_weights
 from pid_cli.model.layers import fast_attention
+from pid_cli.model.linear8 import MATMUL_MODES
 from pid_cli.registry import Entry
 from pid_cli.sampler import draw_noise, sample, schedule
 
@@ -101,7 +102,7 @@ class Decoder:
 
     def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None,
-                 compile: bool | None = None, attention: str = "bf16"):
+                 compile: bool | None = None, attention: str = "bf16", matmul: str = "bf16"):
         self.entry = entry
         self.weights = Path(weights)
         self.device = resolve_device(device)
@@ -114,6 +115,10 @@ class Decoder:
         load_weights(net, self.weights)  # adopts the file's tensors: no random init, no second copy
         self.net = net.to_inference_dtype(self.dtype).to(self.device).eval().requires_grad_(False)
         self.net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see model/attention8.py)
+        if matmul not in MATMUL_MODES:
+            raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
+        if matmul == "fp8":
+            self.net.use_fp8_matmuls()  # opt-in FP8 image-token matmuls (see model/linear8.py)
         self.compiled = compile if compile is not None else self.device.type == "cuda"
         if self.compiled:
             persist_compile_caches()
@@ -123,7 +128,7 @@ class Decoder:
     @classmethod
     def from_registry(cls, backbone: str, variant: str | None = None, target: str | None = None, *,
                       registry_files: Sequence[str | Path] = (), device: str | torch.device | None = None,
-                      dtype: str | torch.dtype | None = None, attention: str = "bf16",
+                      dtype: str | torch.dtype | None = None, attention: str = "bf16", matmul: str = "bf16",
                       download: bool = True) -> Decoder:
         """Resolve the checkpoint in the registry, fetch what is missing (unless offline), load."""
         from pid_cli import hub
@@ -131,7 +136,7 @@ class Decoder:
 
         entry = load_registry(registry_files).resolve(backbone, variant, target)
         files = hub.ensure_files(entry, vae=False, text_encoder=False, download=download)
-        return cls(entry, files.weights, device=device, dtype=dtype, attention=attention)
+        return cls(entry, files.weights, device=device, dtype=dtype, attention=attention, matmul=matmul)
 
     @property
     def scale(self) -> int:

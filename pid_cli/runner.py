@@ -72,6 +72,7 @@ class DecodeJob:
     steps: int = 4
     dtype: str | None = None
     attention: str = "bf16"
+    matmul: str = "bf16"
     compile: str = "auto"  # on, off, or auto: only when the run is long enough to win back compilation
     bit_depth: int = 8
     metadata: bool = True
@@ -757,7 +758,7 @@ def _load_decoders(job: DecodeJob, compile: bool | None) -> list[Decoder]:
     def load(device: torch.device) -> Decoder:
         try:
             return Decoder(job.entry, job.weights, device=device, dtype=job.dtype, text_encoder=job.text_encoder,
-                           attention=job.attention, compile=compile)
+                           attention=job.attention, matmul=job.matmul, compile=compile)
         except TypeError as e:  # a registry net_config the network does not take: a configuration error
             raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
 
@@ -775,6 +776,8 @@ def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
         text["pid:preprocess"] = item.plan.note
     if job.attention != "bf16":
         text["pid:attention"] = job.attention
+    if job.matmul != "bf16":
+        text["pid:matmul"] = job.matmul
     if job.color_fix != "none":
         text["pid:color_fix"] = f"{job.color_fix} (reference: {job.entry.backbone} VAE decode)"
     return text

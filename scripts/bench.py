@@ -11,6 +11,10 @@ Policies (every result has its reference in the same run):
             per decode, chunked per-pixel work
   ours      eager + torch.compile of the blocks (what `pid decode` runs on a GPU)
   ours8     ours with `--attention 8bit` (INT8 Q·K, FP8 P·V kernel)
+  oursfp8   ours with `--matmul fp8` (FP8 image-token matmuls)
+  ours8fp8  ours with both
+  upstream-compiled
+            upstream's policy under torch.compile of the whole network (upstream's `--compile`)
 With --error, each policy's decoded image is also compared with the `ours` image of the same noise
 and weights (PSNR in 8-bit levels, max |Δ| in levels): the cost in pixels of a policy's arithmetic.
 Prints s/image, images/s, peak GPU memory and model FLOP utilisation (model FLOPs of the standard
@@ -63,14 +67,16 @@ def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
             p.data.fill_(1.6)
         else:
             p.data.normal_(0, 0.02, generator=gen)
-    if policy == "upstream":
+    if policy.startswith("upstream"):
         net.float()
         net.pixel_chunk = 1 << 30
-        return Uncached(net)
+        return torch.compile(Uncached(net)) if policy == "upstream-compiled" else Uncached(net)
     net.to_inference_dtype(torch.bfloat16)
-    if policy == "ours8":
+    if policy in ("ours8", "ours8fp8"):
         net.set_attention("8bit")
-    if policy in ("ours", "ours8"):
+    if policy in ("oursfp8", "ours8fp8"):
+        net.use_fp8_matmuls()
+    if policy != "eager":
         net.compile_blocks()
     return net
 
@@ -118,8 +124,9 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
     lq = torch.randn(batch, entry.latent.channels, size // scale, size // scale, device=device, generator=gen)
     sigma = torch.zeros(batch, device=device)
     t_list = schedule(steps, entry.sampler.t_list)
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if policy == "upstream" else contextlib.nullcontext
-    backends = fast_attention if policy != "upstream" else contextlib.nullcontext
+    upstream = policy.startswith("upstream")
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if upstream else contextlib.nullcontext
+    backends = contextlib.nullcontext if upstream else fast_attention
 
     def once() -> tuple[float, torch.Tensor]:
         gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]

@@ -1,10 +1,13 @@
 """`pid decode` end to end on one host with 1, 2, 4 ... GPUs: steady-state images/s and time to
 first image, with full-size random weights written as a local checkpoint (no download).
 
-    python scripts/bench_decode.py --size 2048 --images 48 --devices cuda:0 cuda:0,cuda:1
+    python scripts/bench_decode.py --size 2048 --images-per-gpu 48 --devices cuda:0 cuda:0,cuda:1
     python scripts/bench_decode.py --first-image      # one image: --compile on vs auto (eager for short runs)
     python scripts/bench_decode.py --devices cuda:0 cuda:0,cuda:1,cuda:2,cuda:3 --processes
                                      # also one process per GPU (`--devices cuda:K --shard K/N`), side by side
+    python scripts/bench_decode.py --pid-args "--attention 8bit --matmul fp8"    # options for every run
+
+Every configuration decodes the same number of images per GPU, so each has the same steady window.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,11 +60,24 @@ def prepare(work: Path, entry_id: str, size: int, images: int) -> tuple[Path, Pa
     return registry, embeds, latents
 
 
+PID_ARGS: list[str] = []  # --pid-args
+
+
 def command(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str,
             compile: str = "on") -> list[str]:
     return [sys.executable, "-m", "pid_cli.cli", "decode", str(latents), "--backbone", backbone, "--variant", "bench",
            "--registry", str(registry), "--prompt-embeds", str(embeds), "--out", str(out), "--devices", devices,
-           "--batch-size", "1", "--json", "--quiet", "--compile", compile]
+           "--batch-size", "1", "--json", "--quiet", "--compile", compile, *PID_ARGS]
+
+
+def subset(latents: Path, count: int) -> Path:
+    """A folder of the first `count` latents (hard links)."""
+    folder = latents.parent / f"latents_{count}"
+    if not folder.exists():
+        folder.mkdir()
+        for src in sorted(latents.iterdir())[:count]:
+            os.link(src, folder / src.name)
+    return folder
 
 
 def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str,
@@ -130,20 +147,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entry", default="flux2-2kto4k-v1.5")
     ap.add_argument("--size", type=int, default=2048)
-    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--images-per-gpu", type=int, default=32)
     ap.add_argument("--devices", nargs="+", default=["cuda:0", "cuda:0,cuda:1"])
     ap.add_argument("--first-image", action="store_true", help="time one-image runs, --compile on vs auto")
     ap.add_argument("--processes", action="store_true", help="also run one process per GPU for each --devices")
+    ap.add_argument("--pid-args", default="", help="extra `pid decode` options for every run")
     args = ap.parse_args()
+    PID_ARGS.extend(shlex.split(args.pid_args))
     if args.first_image:
         return first_image(args.entry, args.size)
     backbone = load_registry().get(args.entry).backbone
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        registry, embeds, latents = prepare(work, args.entry, args.size, args.images)
-        decode(registry, embeds, latents, work / "warmup", args.devices[-1], backbone)  # fills compile caches
+        most = max(len(d.split(",")) for d in args.devices)
+        registry, embeds, latents = prepare(work, args.entry, args.size, args.images_per_gpu * most)
+        warm = subset(latents, most)
+        decode(registry, embeds, warm, work / "warmup", args.devices[-1], backbone)  # fills compile caches
         print(f"# {torch.cuda.get_device_name(0)} ×{torch.cuda.device_count()}, {args.entry}, {args.size}², "
-              f"{args.images} images, batch 1, compile caches warm")
+              f"{args.images_per_gpu} images per GPU, batch 1, compile caches warm {' '.join(PID_ARGS)}")
         print("| devices | mode | images/s (steady) | speed-up | first image s | total s |")
         print("|---|---|---|---|---|---|")
         base = None
@@ -152,7 +173,8 @@ def main() -> None:
             for mode in modes:
                 run = decode if mode == "threads" else decode_processes
                 out = work / f"{mode}-{devices.replace(',', '_').replace(':', '')}"
-                r = run(registry, embeds, latents, out, devices, backbone)
+                images = subset(latents, args.images_per_gpu * len(devices.split(",")))
+                r = run(registry, embeds, images, out, devices, backbone)
                 rate = r["steady_images_per_s"]
                 base = base or rate
                 print(f"| {devices} | {mode} | {rate:.2f} | {rate / base:.2f}x | {r['first_image_s']:.1f} | "

@@ -1,7 +1,8 @@
 """The upstream parity fixtures on a GPU: fp32 (TF32 off) must meet the fixture's relative-L2
 bound (1e-5; GPU kernels sum in other orders than the CPU reference, so single elements can
 move more than the CPU max-abs bound), the bf16 policy and the compiled path must stay within
-the stated bf16 bound (relative L2 2e-2).
+the stated bf16 bound (relative L2 2e-2). Then the opt-in 8-bit attention kernel and FP8 matmuls against
+their CPU references.
 
     python scripts/gpu_parity.py
 """
@@ -53,6 +54,30 @@ def check_attention8(dev: torch.device) -> float:
     return failed
 
 
+def check_linear8(dev: torch.device) -> float:
+    """`--matmul fp8` on the GPU (cuBLAS) must compute what the CPU (the tests' reference) does with the same
+    quantised operands, and cost what BENCHMARKS.md says against the fp32 product."""
+    from pid_cli.model import linear8
+
+    print("\n| FP8 linear shape (M, K, N) | GPU vs CPU same operands | vs fp32 product |")
+    print("|---|---|---|")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    failed = 0.0
+    for m, k, n in [(16384, 1536, 4608), (8192, 4096, 1152), (300, 1152, 3456)]:
+        x = torch.randn(m, k, device=dev, generator=gen).bfloat16()
+        w = (torch.randn(n, k, device=dev, generator=gen) * k**-0.5).bfloat16()
+        bias = torch.randn(n, device=dev, generator=gen).bfloat16()
+        operands = linear8.quantize_weight(w, bias)
+        gpu = linear8.linear(x, *operands)
+        cpu = linear8.linear(x.cpu(), *(t.cpu() for t in operands))
+        exact = (x.double() @ w.double().T + bias.double()).cpu()
+        r_same, r_exact = rel(gpu, cpu.float()), rel(gpu, exact)
+        print(f"| {(m, k, n)} | {r_same:.2e} | {r_exact:.2e} |", flush=True)
+        if not (r_same < 5e-3 and r_exact < 5e-2):
+            failed = 1.0
+    return failed
+
+
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -83,7 +108,7 @@ def main() -> int:
                 worst = max(worst, 1.0)
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
-    worst = max(worst, check_attention8(dev))
+    worst = max(worst, check_attention8(dev), check_linear8(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 

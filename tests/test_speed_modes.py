@@ -1,6 +1,7 @@
 """The opt-in speed modes: 8-bit attention arithmetic (its torch reference; the Triton kernel itself is
-checked against it on a GPU by scripts/gpu_parity.py), `--compile auto`, and the gate that keeps
-compiled decodes on several GPUs away from a compilation."""
+checked against it on a GPU by scripts/gpu_parity.py), FP8 matmuls (torch._scaled_mm, which runs on the
+CPU too), `--compile auto`, and the gate that keeps compiled decodes on several GPUs away from a
+compilation."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from pid_cli.model import PiDNet, attention8
+from pid_cli.model import PiDNet, attention8, linear8
+from pid_cli.model.linear8 import Fp8Linear
+from pid_cli.model.net import FP8_LINEARS
 from pid_cli.pipeline import CompileGate
 from pid_cli.registry import load_registry
 from pid_cli.runner import COMPILE_MIN_MEGAPIXELS, DecodeJob, Item, compile_for
@@ -95,6 +98,80 @@ def test_set_attention_validates_mode_head_dims_and_device():
     modes = {m.attention_mode for m in full.modules() if hasattr(m, "attention_mode")}
     assert modes == {"bf16"}  # a refused switch changes nothing
     assert len([m for m in full.modules() if hasattr(m, "attention_mode")]) == 14 + 2  # every MMDiT and PiT block
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --matmul fp8
+
+
+def test_fp8_rows_use_the_whole_e4m3_range_and_survive_zero_rows():
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)) * torch.tensor([1e-3, 1, 10, 1e3, 0])[:, None]
+    x8, scale = linear8.quantize_rows(x)
+    assert x8.dtype == torch.float8_e4m3fn and tuple(scale.shape) == (5, 1)
+    assert (x8.float()[:4].abs().amax(-1) == 448).all()  # every non-zero row spans e4m3's range
+    assert (x8.float()[4] == 0).all() and torch.isfinite(scale).all()
+    step = scale * 2**-9  # e4m3's spacing below its smallest normal
+    assert ((x8.float() * scale - x).abs() <= x.abs() / 16 + step).all()  # 3-bit mantissa, round to nearest
+
+
+def test_fp8_linear_is_the_scaled_product_and_costs_a_few_percent():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(96, 256, generator=gen).bfloat16()
+    w, bias = (torch.randn(80, 256, generator=gen) / 16).bfloat16(), torch.randn(80, generator=gen).bfloat16()
+    weight8, w_scale, b = linear8.quantize_weight(w, bias)
+    out = linear8.linear(x.view(2, 48, 256), weight8, w_scale, b)
+    assert out.dtype == torch.bfloat16 and tuple(out.shape) == (2, 48, 80)
+    x8, x_scale = linear8.quantize_rows(x)
+    dequantized = (x8.float() * x_scale) @ (weight8.float() * w_scale.T).T + bias.float()
+    assert torch.allclose(out.view(96, 80).float(), dequantized, rtol=1e-2, atol=1e-2)  # bf16 rounding only
+    exact = x.double() @ w.double().T + bias.double()
+    error = rel(out.view(96, 80), exact)
+    assert 5e-3 < error < 6e-2  # quantised (e4m3 per-row: ~3.7%), not exact; BENCHMARKS.md reports it
+    assert error > 5 * rel(F.linear(x, w, bias), exact)
+
+
+def test_fp8_mode_converts_the_image_token_matmuls_and_nothing_else(monkeypatch):
+    cfg = {**tiny_config("v15_flux2"), "hidden_size": 64, "num_groups": 2, "pixel_attn_hidden_size": 32,
+           "pixel_num_groups": 2}
+    torch.manual_seed(0)
+    net = PiDNet(**cfg).eval()
+    for name, p in net.named_parameters():  # non-zero everywhere, so every matmul reaches the output
+        p.data = torch.randn_like(p) * 0.1 if "norm" not in name else torch.ones_like(p)
+    net.to_inference_dtype(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    scale = cfg["sr_scale"] * cfg["latent_spatial_down_factor"] // cfg["lq_latent_unpatchify_factor"]
+    x, y = torch.randn(1, 3, 32, 64, generator=gen), torch.randn(1, 12, cfg["txt_embed_dim"], generator=gen)
+    lq = torch.randn(1, cfg["lq_latent_channels"], 32 // scale, 64 // scale, generator=gen)
+    t, sigma = torch.tensor([0.7]), torch.tensor([0.0])
+    with torch.inference_mode():
+        bf16_out = net(x, t, y, lq, sigma)
+    text_qkv = net.patch_blocks[0].attn.qkv_y.weight
+    net._convert_fp8_linears()  # use_fp8_matmuls refuses the CPU (no speed there); the arithmetic is the same
+    converted = {name for name, m in net.named_modules() if isinstance(m, Fp8Linear)}
+    expected = {f"patch_blocks.{i}.{path}" for i in range(cfg["patch_depth"]) for path in FP8_LINEARS[type(
+        net.patch_blocks[0])]} | {f"pixel_blocks.{j}.{path}" for j in range(cfg["pixel_depth"])
+                                  for path in FP8_LINEARS[type(net.pixel_blocks[0])]}
+    assert converted == expected
+    assert net.patch_blocks[0].attn.qkv_y.weight is text_qkv  # the text stream stays bf16
+    assert not any(n.endswith("qkv_x.weight") for n, _ in net.named_parameters())  # the bf16 copies are gone
+    calls = []
+    fp8_linear = linear8.linear
+    monkeypatch.setattr(linear8, "linear", lambda x, *a: calls.append(a[0].shape) or fp8_linear(x, *a))
+    with torch.inference_mode():
+        fp8_out = net(x, t, y, lq, sigma)
+    pixel = cfg["pixel_hidden_size"] * cfg["patch_size"] ** 2
+    assert calls.count((2 * pixel, cfg["hidden_size"])) == cfg["pixel_depth"]  # the PiT modulation, both halves
+    assert calls.count((4 * pixel, cfg["hidden_size"])) == cfg["pixel_depth"]
+    assert len(calls) == len(expected) + 2 * cfg["pixel_depth"]
+    assert fp8_out.shape == bf16_out.shape and torch.isfinite(fp8_out).all()
+    assert 1e-3 < rel(fp8_out, bf16_out.double()) < 5e-2  # moved by the rounding (1e-2 here), not broken
+
+
+def test_use_fp8_matmuls_refuses_a_device_without_8bit_tensor_cores():
+    net = PiDNet(**tiny_config("v1_flux"))
+    with pytest.raises(ValueError, match=r"--matmul fp8 needs an NVIDIA GPU .* on cpu"):
+        net.use_fp8_matmuls()
+    assert not any(isinstance(m, Fp8Linear) for m in net.modules())  # refused: nothing converted
 
 
 # ---------------------------------------------------------------------------------------------------------

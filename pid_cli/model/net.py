@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pid_cli.model import linear8
 from pid_cli.model.layers import (
     GeluMLP,
     Linear,
@@ -142,7 +143,8 @@ class PiTBlock(nn.Module):
         self.norm2 = RMSNorm(pixel_dim)
         self.mlp = GeluMLP(pixel_dim, 4 * pixel_dim)
         self.adaLN_modulation = nn.Sequential(Linear(cond_dim, 6 * pixel_dim * p2))
-        self._split: tuple[Tensor, ...] | None = None
+        self.matmul_mode = "bf16"  # see PiDNet.use_fp8_matmuls
+        self._split: tuple[tuple[Tensor | None, ...], ...] | None = None
 
     def split_modulation(self) -> None:
         """Regroup the adaLN rows (pixel-major: p·6C + chunk·C + ch) into the two modulations
@@ -152,13 +154,18 @@ class PiTBlock(nn.Module):
         c = self.pixel_dim
         rows = torch.arange(lin.out_features, device=lin.weight.device).view(-1, 6 * c)  # [P², 6C]
         pre, post = rows[:, : 2 * c].reshape(-1), rows[:, 2 * c:].reshape(-1)
-        self._split = (lin.weight[pre], lin.bias[pre], lin.weight[post], lin.bias[post])
+        halves = ((lin.weight[pre], lin.bias[pre]), (lin.weight[post], lin.bias[post]))
+        if self.matmul_mode == "fp8":
+            halves = tuple(linear8.quantize_weight(w, b) for w, b in halves)
+        self._split = halves
 
     def _modulation(self, s_cond: Tensor, part: int) -> Tensor:
         if self._split is None:
             self.split_modulation()
-        w, bias = self._split[2 * part], self._split[2 * part + 1]
-        return F.linear(s_cond.to(w.dtype), w, bias).view(s_cond.shape[0], -1, (2 + 2 * part) * self.pixel_dim)
+        half = self._split[part]
+        fp8 = self.matmul_mode == "fp8"
+        out = linear8.linear(s_cond, *half) if fp8 else F.linear(s_cond.to(half[0].dtype), *half)
+        return out.view(s_cond.shape[0], -1, (2 + 2 * part) * self.pixel_dim)
 
     def pre(self, xp: Tensor, s_cond: Tensor) -> Tensor:
         # xp [n, P², C] pixels, s_cond [n, D] → compressed tokens [n, attn_dim]
@@ -199,6 +206,10 @@ def pixel_sincos_tables(dim: int, height: int, width: int,
 
     return table(width), table(height)
 
+
+# The image-token Linears of each block that `PiDNet.use_fp8_matmuls` converts (see model/linear8.py).
+FP8_LINEARS = {MMDiTBlock: ("attn.qkv_x", "attn.proj_x", "mlp_x.w1", "mlp_x.w3", "mlp_x.w2"),
+               PiTBlock: ("compress_to_attn", "expand_from_attn", "attn.qkv", "attn.proj")}
 
 # Upstream config fields that only matter for training; accepted and ignored.
 _TRAINING_ONLY = {"repa_encoder_index", "train_lq_proj_only", "zero_init_lq", "num_text_blocks",
@@ -322,13 +333,35 @@ class PiDNet(nn.Module):
             if not all(attention8.supported(d) for d in dims):
                 raise ValueError(f"--attention 8bit supports head dims {attention8.MIN_HEAD_DIM}.."
                                  f"{attention8.MAX_HEAD_DIM}; this checkpoint has {dims}")
-            device = next(self.parameters()).device
-            if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-                raise ValueError(f"--attention 8bit needs an NVIDIA GPU with 8-bit tensor cores (Ada/Hopper or "
-                                 f"newer); this decoder is on {device}")
+            self._require_8bit_tensor_cores("--attention 8bit")
         for module in modules:
             module.attention_mode = mode
         return self
+
+    def use_fp8_matmuls(self) -> PiDNet:
+        """The opt-in `--matmul fp8` mode: convert the image-token matmuls (and the PiT modulation) to FP8
+        with per-channel weight and per-token activation scales. One-way (the bf16 weights are dropped);
+        call after loading, before the first decode. Ada/Hopper GPUs."""
+        self._require_8bit_tensor_cores("--matmul fp8")
+        linear8.probe(next(self.parameters()).device)
+        return self._convert_fp8_linears()
+
+    def _convert_fp8_linears(self) -> PiDNet:
+        for block in [*self.patch_blocks, *self.pixel_blocks]:
+            for path in FP8_LINEARS[type(block)]:
+                parent, _, name = path.rpartition(".")
+                owner = block.get_submodule(parent)
+                setattr(owner, name, linear8.Fp8Linear(getattr(owner, name)))
+        for block in self.pixel_blocks:
+            block.matmul_mode = "fp8"
+            block._split = None  # re-split (and quantise) on the next decode
+        return self
+
+    def _require_8bit_tensor_cores(self, flag: str) -> None:
+        device = next(self.parameters()).device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"{flag} needs an NVIDIA GPU with 8-bit tensor cores (Ada/Hopper or newer); "
+                             f"this decoder is on {device}")
 
     def condition(self, y: Tensor, lq_latent: Tensor | None, degrade_sigma: Tensor, height: int,
                   width: int) -> Conditioning:
