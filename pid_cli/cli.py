@@ -250,31 +250,25 @@ def _parse_devices(text: str | None) -> list:
     return devices
 
 
-def _bn_stats_loader(entry):
-    """FLUX.2's VAE batch-norm statistics, fetched and read once, only if a raw latent needs them."""
-    import functools
+class _OnDemand:
+    """A file the run may need, fetched (and read) on first use: the backbone VAE file, when images or
+    --compare/--color-fix need it, or FLUX.2's VAE batch-norm statistics, when a raw latent needs them.
+    A class rather than a closure so that per-device worker processes receive it."""
 
-    @functools.cache
-    def load():
-        from pid_cli import hub
-        from pid_cli.vae.flux2 import flux2_bn_stats
+    def __init__(self, entry, what: str):
+        self.entry, self.what, self.value = entry, what, None
 
-        return flux2_bn_stats(hub.ensure_files(entry, vae=True, text_encoder=False).vae["weights"])
+    def __call__(self):
+        if self.value is None:
+            from pid_cli import hub
 
-    return load
+            weights = hub.ensure_files(self.entry, vae=True, text_encoder=False).vae["weights"]
+            if self.what == "bn_stats":
+                from pid_cli.vae.flux2 import flux2_bn_stats
 
-
-def _vae_file_loader(entry):
-    """The backbone VAE file, fetched and verified once, only if images or --compare/--color-fix need it."""
-    import functools
-
-    @functools.cache
-    def load():
-        from pid_cli import hub
-
-        return hub.ensure_files(entry, vae=True, text_encoder=False).vae["weights"]
-
-    return load
+                weights = flux2_bn_stats(weights)
+            self.value = weights
+        return self.value
 
 
 @app.command()
@@ -407,8 +401,8 @@ def decode(
             target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,
             prompt_embeds=prompt_embeds, text_encoder=text_encoder,
             shard=parse_shard(shard) if shard else shard_from_env(), manifest_out=manifest_out,
-            json_stdout=json_out, quiet=quiet, bn_stats=_bn_stats_loader(entry), fit=fit, compare=compare,
-            color_fix=color_fix, vae_weights=_vae_file_loader(entry))
+            json_stdout=json_out, quiet=quiet, bn_stats=_OnDemand(entry, "bn_stats"), fit=fit, compare=compare,
+            color_fix=color_fix, vae_weights=_OnDemand(entry, "vae"))
         code = run(job)
     except (RegistryError, InputError, hub.HubError, PermissionError, ValueError) as e:
         raise usage(str(e)) from e

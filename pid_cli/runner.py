@@ -55,6 +55,11 @@ if TYPE_CHECKING:
     from pid_cli.vae import LatentCodec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+Report = Callable[[str, Any], None]  # (event, data): "record" dict, "total" count, "advance" None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -97,7 +102,7 @@ class DecodeJob:
     compare: bool = False  # also write NAME.vae.png and NAME.compare.png (baselines.py)
     color_fix: str = "none"  # colorfix.METHODS
     vae_weights: Callable[[], Path] | None = None  # the backbone VAE file, fetched on demand (default: hub)
-    warn: Callable[[str], None] = lambda msg: print(f"warning: {msg}", file=sys.stderr)
+    warn: Callable[[str], None] = _warn  # a module-level function: jobs are pickled to worker processes
 
 
 @dataclass
@@ -138,8 +143,9 @@ class InputState:
 class Records:
     """One JSONL record per input, to --manifest-out and/or stdout, written as each finishes."""
 
-    def __init__(self, manifest_out: Path | None, stdout: TextIO | None):
+    def __init__(self, manifest_out: Path | None, stdout: TextIO | None, forward: Report | None = None):
         self.lock = threading.Lock()
+        self.forward = forward  # a per-device worker process hands its records to the parent instead
         try:
             self.file = open(manifest_out, "a", encoding="utf-8") if manifest_out else None  # noqa: SIM115
             if self.file is not None and self.file.tell() and _last_byte(manifest_out) != b"\n":
@@ -151,15 +157,22 @@ class Records:
         self.lost = 0  # records that could not be written (disk full): the run must not exit 0
 
     def emit(self, spec: InputSpec, status: str, outputs: list[Path], seconds: float, error: str | None) -> None:
-        record = {"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
-                  "seconds": round(seconds, 3), "error": error}
+        self.add({"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
+                  "seconds": round(seconds, 3), "error": error})
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.forward is not None:
+            with self.lock:
+                self.counts[record["status"]] += 1
+            self.forward("record", record)
+            return
         line = json.dumps(record, ensure_ascii=False)
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes of a file name: \udcXX escapes keep the JSON exact
             line = json.dumps(record)
         with self.lock:
-            self.counts[status] += 1
+            self.counts[record["status"]] += 1
             for f in (self.file, self.stdout):
                 if f is not None:
                     try:
@@ -185,8 +198,15 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def run(job: DecodeJob) -> int:
-    """Decode everything `job` names; returns the process exit code."""
+def run(job: DecodeJob, report: Report | None = None,
+        signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> int:
+    """Decode everything `job` names; returns the process exit code. Several devices: one worker process
+    each (see workers.py), which calls this with `report` (records and progress go to the parent) and
+    only SIGTERM (the parent turns a Ctrl-C into one SIGTERM per worker)."""
+    if len(job.devices) > 1:
+        from pid_cli.workers import run_per_device
+
+        return run_per_device(job)
     check_template(job.template)
     _check_baseline_options(job)
     check_writable(job.out)  # before any GPU work
@@ -195,11 +215,11 @@ def run(job: DecodeJob) -> int:
     if job.shard is not None:
         specs = take_shard(specs, *job.shard)
     stop = threading.Event()
-    previous = _install_signal_handlers(stop)  # first: an interrupt once records exist still writes them all
+    previous = _install_signal_handlers(stop, signals)  # first: an interrupt once records exist still writes them all
     records: Records | None = None
     try:
-        records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
-        session = _Session(job, records, stop)
+        records = Records(job.manifest_out, sys.stdout if job.json_stdout else None, report)
+        session = _Session(job, records, stop, report)
         session.prepass(specs)
         if session.items and not stop.is_set():
             session.embed_prompts()
@@ -300,8 +320,8 @@ def load_latent(job: DecodeJob, spec: InputSpec) -> tuple[Tensor, dict[str, Any]
 class _Session:
     """The state of one run: items to decode, per-input progress, prompt embeddings."""
 
-    def __init__(self, job: DecodeJob, records: Records, stop: threading.Event):
-        self.job, self.records, self.stop = job, records, stop
+    def __init__(self, job: DecodeJob, records: Records, stop: threading.Event, report: Report | None = None):
+        self.job, self.records, self.stop, self.report = job, records, stop, report
         self.items: list[Item] = []
         self.states: dict[Path, InputState] = {}
         self.text: dict[str, Tensor] = {}
@@ -410,7 +430,7 @@ class _Session:
         batch_size = job.batch_size or min(auto_batch_size(d.device, self.items[0].shape, scale) for d in decoders)
         batches = plan_batches(self.items, batch_size)
         ready: queue.Queue = queue.Queue(maxsize=2 * len(decoders))
-        progress = _Progress(len(self.items), job.quiet)
+        progress = _Progress(len(self.items), job.quiet, self.report)
 
         def halted() -> bool:
             return self.stop.is_set() or self.failed_fast.is_set()
@@ -796,9 +816,12 @@ def _baseline_text(job: DecodeJob, item: Item, what: str) -> dict[str, str]:
 class _Progress:
     """images/s and ETA on stderr; silent when not a terminal or with --quiet."""
 
-    def __init__(self, total: int, quiet: bool):
+    def __init__(self, total: int, quiet: bool, forward: Report | None = None):
         self.bar = None
-        if not quiet and sys.stderr.isatty():
+        self.forward = forward
+        if forward is not None:
+            forward("total", total)
+        elif not quiet and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -810,8 +833,14 @@ class _Progress:
             self.bar.start()
         self.done = 0
 
+    def add_total(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=self.bar.tasks[0].total + count)
+
     def advance(self) -> None:
         self.done += 1
+        if self.forward is not None:
+            self.forward("advance", None)
         if self.bar is not None:
             rate = self.done / max(time.time() - self.started, 1e-9)
             self.bar.update(self.task, advance=1, rate=f"{rate:.2f} img/s")
@@ -821,7 +850,7 @@ class _Progress:
             self.bar.stop()
 
 
-def _install_signal_handlers(stop: threading.Event) -> dict:
+def _install_signal_handlers(stop: threading.Event, signals: tuple[int, ...]) -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -831,7 +860,7 @@ def _install_signal_handlers(stop: threading.Event) -> dict:
         stop.set()
         print("\ninterrupted: finishing images in flight (press Ctrl-C again to abort)", file=sys.stderr)
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return {sig: signal.signal(sig, handler) for sig in signals}
 
 
 def _restore_signal_handlers(previous: dict) -> None:

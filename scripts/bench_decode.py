@@ -3,8 +3,8 @@ first image, with full-size random weights written as a local checkpoint (no dow
 
     python scripts/bench_decode.py --size 2048 --images-per-gpu 48 --devices cuda:0 cuda:0,cuda:1
     python scripts/bench_decode.py --first-image      # one image: --compile on vs auto (eager for short runs)
-    python scripts/bench_decode.py --devices cuda:0 cuda:0,cuda:1,cuda:2,cuda:3 --processes
-                                     # also one process per GPU (`--devices cuda:K --shard K/N`), side by side
+    python scripts/bench_decode.py --devices cuda:0 cuda:0,cuda:1,cuda:2,cuda:3 --separate
+                 # also N separate `pid decode --devices cuda:K --shard K/N` commands, side by side
     python scripts/bench_decode.py --pid-args "--attention 8bit --matmul fp8"    # options for every run
 
 Every configuration decodes the same number of images per GPU, so each has the same steady window.
@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--images-per-gpu", type=int, default=32)
     ap.add_argument("--devices", nargs="+", default=["cuda:0", "cuda:0,cuda:1"])
     ap.add_argument("--first-image", action="store_true", help="time one-image runs, --compile on vs auto")
-    ap.add_argument("--processes", action="store_true", help="also run one process per GPU for each --devices")
+    ap.add_argument("--separate", action="store_true",
+                    help="also run one separate `pid decode --devices cuda:K --shard K/N` per GPU")
     ap.add_argument("--pid-args", default="", help="extra `pid decode` options for every run")
     args = ap.parse_args()
     PID_ARGS.extend(shlex.split(args.pid_args))
@@ -169,10 +170,10 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         base = None
         for devices in args.devices:
-            modes = ["threads", "processes"] if args.processes and "," in devices else ["threads"]
+            modes = ["--devices", "separate"] if args.separate and "," in devices else ["--devices"]
             for mode in modes:
-                run = decode if mode == "threads" else decode_processes
-                out = work / f"{mode}-{devices.replace(',', '_').replace(':', '')}"
+                run = decode if mode == "--devices" else decode_processes
+                out = work / f"{mode.strip('-')}-{devices.replace(',', '_').replace(':', '')}"
                 images = subset(latents, args.images_per_gpu * len(devices.split(",")))
                 r = run(registry, embeds, images, out, devices, backbone)
                 rate = r["steady_images_per_s"]

@@ -1,0 +1,179 @@
+"""`pid decode --devices A,B,...`: one worker process per device.
+
+Why processes and not a thread per GPU: a compiled decode still launches thousands of kernels from
+Python, and threads share one interpreter lock. On 4 H200s, threads reached 3.06x one GPU and one
+process per GPU 3.99x (BENCHMARKS.md).
+
+Each worker is the single-device run of `runner.run` on its share of the inputs: the run's own shard
+(`--shard K/N`, torchrun, Slurm) split again round-robin, so worker i of n takes shard K + N·i of N·n.
+Workers hand their records and progress to this parent, the only writer of `--manifest-out`, `--json`
+and the progress bar, so a multi-GPU run reads exactly like a single-GPU one.
+
+Stopping: workers ignore SIGINT. The parent turns the first Ctrl-C/SIGTERM (or a --fail-fast failure)
+into one SIGTERM per worker (finish the images in flight, record the rest), a second into another
+(abort). A worker whose parent is gone stops the same way. A worker that dies leaves inputs without
+a record: the parent records each of them as failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import replace
+from typing import Any
+
+from pid_cli.hub import HubError
+from pid_cli.inputs import InputError, check_template, collect_inputs, take_shard
+from pid_cli.outputs import check_writable
+from pid_cli.registry import RegistryError
+from pid_cli.runner import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    DecodeJob,
+    Records,
+    _check_baseline_options,
+    _drop_earlier_outputs,
+    _Progress,
+    run,
+)
+
+PARENT_POLL_S = 0.5
+
+
+def worker_jobs(job: DecodeJob) -> list[DecodeJob]:
+    """One single-device job per device, each on its round-robin share of this run's shard."""
+    k, n = job.shard or (0, 1)
+    count = len(job.devices)
+    return [replace(job, devices=[device], shard=(k + n * i, n * count), quiet=True, json_stdout=False,
+                    manifest_out=None) for i, device in enumerate(job.devices)]
+
+
+def run_per_device(job: DecodeJob) -> int:
+    check_template(job.template)  # what every worker would refuse, refused once, before any process starts
+    _check_baseline_options(job)
+    check_writable(job.out)
+    jobs = worker_jobs(job)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    events: multiprocessing.Queue = context.Queue()
+    workers = [context.Process(target=_worker_main, args=(w, i, os.getpid(), events), daemon=False,
+                               name=f"pid-decode-{w.devices[0]}") for i, w in enumerate(jobs)]
+    stop = _ParentStop(workers)
+    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
+    progress = _Progress(0, job.quiet)
+    recorded: set[str] = set()
+    exits: dict[int, int] = {}
+    died: dict[int, int] = {}  # workers gone without reporting their exit: index → exit code
+    usage_error: str | None = None
+    try:
+        for w in workers:
+            w.start()
+        while len(exits) < len(workers):
+            try:
+                index, event, data = events.get(timeout=PARENT_POLL_S)
+            except queue.Empty:
+                for i, w in enumerate(workers):  # a worker that died without saying goodbye
+                    if i not in exits and w.exitcode is not None:
+                        exits[i] = died[i] = w.exitcode
+                        print(f"error: the decode worker on {jobs[i].devices[0]} exited with code {w.exitcode}",
+                              file=sys.stderr)
+                continue
+            if event == "record":
+                recorded.add(data["input"])
+                records.add(data)
+                if data["status"] == "failed" and job.fail_fast:
+                    stop.request("fail-fast")
+            elif event == "total":
+                progress.add_total(data)
+            elif event == "advance":
+                progress.advance()
+            elif event == "usage":
+                usage_error = usage_error or data
+                stop.request("usage")
+            elif event == "exit":
+                exits[index] = data
+        for w in workers:
+            w.join()
+        _record_lost_inputs(job, jobs, died, recorded, records)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        progress.close()
+        records.close()
+    if usage_error is not None:
+        raise ValueError(usage_error)
+    if stop.reason == "signal":
+        return EXIT_INTERRUPTED
+    failed = records.counts["failed"] or records.lost or any(code not in (EXIT_OK, EXIT_INTERRUPTED)
+                                                                for code in exits.values())
+    return EXIT_FAILED if failed or stop.reason == "fail-fast" else EXIT_OK
+
+
+class _ParentStop:
+    def __init__(self, workers: list):
+        self.workers = workers
+        self.reason: str | None = None
+        self.sent = 0
+
+    def handler(self, signum, frame) -> None:
+        if self.sent == 0:
+            print("\ninterrupted: finishing images in flight (press Ctrl-C again to abort)", file=sys.stderr)
+        self.request("signal")
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        if reason != "signal" and self.sent:
+            return  # a fail-fast or usage stop asks once; only a user's second signal aborts
+        self.sent += 1
+        for w in self.workers:
+            if w.pid is not None and w.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGTERM)
+
+
+def _record_lost_inputs(job: DecodeJob, jobs: list[DecodeJob], died: dict[int, int], recorded: set[str],
+                        records: Records) -> None:
+    """Inputs of a worker that died (out of memory, a driver error, SIGKILL) still get their record."""
+    for i, code in died.items():
+        try:
+            specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
+        except Exception:  # the inputs vanished meanwhile: nothing more to say per input
+            return
+        for spec in take_shard(specs, *jobs[i].shard):
+            if str(spec.path) not in recorded:
+                records.emit(spec, "failed", [], 0.0,
+                             f"not decoded: the worker on {jobs[i].devices[0]} exited with code {code}")
+
+
+def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's Ctrl-C reaches us too
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)  # orphaned: stop as if asked to
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    code = EXIT_FAILED
+    try:
+        code = run(job, report=lambda event, data: events.put((index, event, data)), signals=(signal.SIGTERM,))
+    except (RegistryError, InputError, HubError, PermissionError, ValueError) as e:  # the CLI's usage errors
+        events.put((index, "usage", str(e)))
+        code = EXIT_USAGE
+    except BaseException:
+        traceback.print_exc()
+        code = EXIT_FAILED
+    finally:
+        events.put((index, "exit", code))
+        events.close()
+        events.join_thread()
