@@ -313,7 +313,8 @@ def decode(
     batch_size: Annotated[str, typer.Option("--batch-size", help="Images per GPU batch, or auto (from free "
                                             "memory).")] = "auto",
     devices: Annotated[str | None, typer.Option("--devices", help="cpu, cuda:0, cuda:0,cuda:1 or all "
-                                                "(default: the first GPU, else the CPU).")] = None,
+                                                "(default: the first GPU, else the CPU); several devices run "
+                                                "one worker process each.")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="K/N: decode the K-th of N partitions of the "
                                               "sorted inputs (default from torchrun or Slurm).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Item i of an input file uses seed+i.")] = 0,

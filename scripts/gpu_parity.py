@@ -69,7 +69,7 @@ def check_linear8(dev: torch.device) -> float:
         bias = torch.randn(n, device=dev, generator=gen).bfloat16()
         operands = linear8.quantize_weight(w, bias)
         gpu = linear8.linear(x, *operands)
-        cpu = linear8.linear(x.cpu(), *(t.cpu() for t in operands))
+        cpu = linear8.linear(x.cpu(), *(t.cpu() for t in operands))  # reference_product's arithmetic
         exact = (x.double() @ w.double().T + bias.double()).cpu()
         r_same, r_exact = rel(gpu, cpu.float()), rel(gpu, exact)
         print(f"| {(m, k, n)} | {r_same:.2e} | {r_exact:.2e} |", flush=True)

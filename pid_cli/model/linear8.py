@@ -33,11 +33,22 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def linear(x: Tensor, weight8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., K] (any float dtype) through an FP8 weight [N, K] with per-channel scales [1, N]
-    → [..., N] bf16."""
+    → [..., N] bf16. On a GPU, cuBLAS's FP8 product; elsewhere (the tests) the same product of the
+    dequantised operands: torch's CPU `_scaled_mm` takes per-row scales only from torch 2.13 on."""
     x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=weight_scale, bias=bias,
-                           out_dtype=torch.bfloat16)  # [M, N]
+    if x.is_cuda:
+        out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=weight_scale, bias=bias,
+                               out_dtype=torch.bfloat16)  # [M, N]
+    else:
+        out = reference_product(x8, x_scale, weight8, weight_scale, bias)
     return out.view(*x.shape[:-1], -1)
+
+
+def reference_product(x8: Tensor, x_scale: Tensor, weight8: Tensor, weight_scale: Tensor,
+                      bias: Tensor | None) -> Tensor:
+    """The scaled FP8 product in fp32 from plain torch ops: [M, K] · [N, K]ᵀ → [M, N] bf16."""
+    out = (x8.float() @ weight8.float().T) * x_scale * weight_scale
+    return (out if bias is None else out + bias.float()).to(torch.bfloat16)
 
 
 def probe(device: torch.device) -> None:
