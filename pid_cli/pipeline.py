@@ -34,7 +34,8 @@ def persist_compile_caches() -> None:
 
 
 class CompileGate:
-    """Lets compiled decodes run concurrently (one thread per GPU) but never beside a compilation.
+    """Lets compiled decodes of several `Decoder`s in threads of one process (a library user's GPU per
+    thread; `pid decode` itself runs a process per GPU) run concurrently, but never beside a compilation.
 
     Dynamo's tracing state is process-global: a thread that calls compiled code while another thread
     traces fails ("Detected that you are using FX to symbolically trace a dynamo-optimized function"),

@@ -198,11 +198,10 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def run(job: DecodeJob, report: Report | None = None,
-        signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> int:
+def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | None = None) -> int:
     """Decode everything `job` names; returns the process exit code. Several devices: one worker process
-    each (see workers.py), which calls this with `report` (records and progress go to the parent) and
-    only SIGTERM (the parent turns a Ctrl-C into one SIGTERM per worker)."""
+    each (see workers.py), which calls this with `report` (records and progress go to the parent) and its
+    own `stop`, set by its signal handler; without one, SIGINT/SIGTERM are handled here."""
     if len(job.devices) > 1:
         from pid_cli.workers import run_per_device
 
@@ -214,8 +213,10 @@ def run(job: DecodeJob, report: Report | None = None,
     specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
     if job.shard is not None:
         specs = take_shard(specs, *job.shard)
-    stop = threading.Event()
-    previous = _install_signal_handlers(stop, signals)  # first: an interrupt once records exist still writes them all
+    previous = {}
+    if stop is None:
+        stop = threading.Event()
+        previous = _install_signal_handlers(stop)  # first: an interrupt once records exist still writes them all
     records: Records | None = None
     try:
         records = Records(job.manifest_out, sys.stdout if job.json_stdout else None, report)
@@ -419,17 +420,17 @@ class _Session:
                                device=job.devices[0], model_max_length=job.entry.net_config["txt_max_length"])
         self.text = dict(zip(unique, embeds.unbind(0), strict=True))
 
-    # -- decoding: a feeder thread loads batches, one worker per device, a pool writes PNGs --
+    # -- decoding: a feeder thread loads batches, a worker decodes them, a pool writes PNGs --
 
     def decode_all(self) -> None:
         job = self.job
         if self.baselines or any(item.plan is not None for item in self.items):
             self.vae_path = _vae_weights(job)  # fetched here, before the decoders load: a missing file stops early
         scale = job.entry.latent.vae_factor * job.entry.sr_scale
-        decoders = _load_decoders(job, compile_for(job, self.items, scale))
-        batch_size = job.batch_size or min(auto_batch_size(d.device, self.items[0].shape, scale) for d in decoders)
+        decoder = _load_decoder(job, compile_for(job, self.items, scale))
+        batch_size = job.batch_size or auto_batch_size(decoder.device, self.items[0].shape, scale)
         batches = plan_batches(self.items, batch_size)
-        ready: queue.Queue = queue.Queue(maxsize=2 * len(decoders))
+        ready: queue.Queue = queue.Queue(maxsize=2)
         progress = _Progress(len(self.items), job.quiet, self.report)
 
         def halted() -> bool:
@@ -447,8 +448,7 @@ class _Session:
                 keep = {item.spec.path for item in batch}
                 for path in [p for p in cache if p not in keep]:
                     del cache[path]
-            for _ in decoders:
-                ready.put(None)
+            ready.put(None)
 
         n_writers = max(2, min(8, os.cpu_count() or 2))
         # Baseline items carry float images (~150 MB at 4K) to the writers: bound how many wait there.
@@ -456,7 +456,7 @@ class _Session:
         with ThreadPoolExecutor(max_workers=n_writers) as writers:
             written: list[Future] = []
 
-            def worker(decoder: Decoder) -> None:
+            def worker() -> None:
                 codec = _DeviceCodec(job, decoder.device, self.vae_path)
                 while (task := ready.get()) is not None:
                     batch, sources, sigmas, error = task
@@ -476,11 +476,9 @@ class _Session:
                                 written.append(writers.submit(self.write, item, pixels, progress))
 
             threading.Thread(target=feeder, daemon=True).start()
-            threads = [threading.Thread(target=worker, args=(d,)) for d in decoders]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            decoding = threading.Thread(target=worker)  # the main thread stays free for signals
+            decoding.start()
+            decoding.join()
             for f in written:
                 f.result()
         progress.close()
@@ -774,16 +772,12 @@ def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
     return megapixels / len(job.devices) >= COMPILE_MIN_MEGAPIXELS
 
 
-def _load_decoders(job: DecodeJob, compile: bool | None) -> list[Decoder]:
-    def load(device: torch.device) -> Decoder:
-        try:
-            return Decoder(job.entry, job.weights, device=device, dtype=job.dtype, text_encoder=job.text_encoder,
-                           attention=job.attention, matmul=job.matmul, compile=compile)
-        except TypeError as e:  # a registry net_config the network does not take: a configuration error
-            raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
-
-    with ThreadPoolExecutor(max_workers=len(job.devices)) as pool:
-        return list(pool.map(load, job.devices))
+def _load_decoder(job: DecodeJob, compile: bool | None) -> Decoder:
+    try:
+        return Decoder(job.entry, job.weights, device=job.devices[0], dtype=job.dtype, text_encoder=job.text_encoder,
+                       attention=job.attention, matmul=job.matmul, compile=compile)
+    except TypeError as e:  # a registry net_config the network does not take: a configuration error
+        raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
 
 
 def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
@@ -850,7 +844,8 @@ class _Progress:
             self.bar.stop()
 
 
-def _install_signal_handlers(stop: threading.Event, signals: tuple[int, ...]) -> dict:
+def _install_signal_handlers(stop: threading.Event, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                             announce: bool = True) -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -858,7 +853,8 @@ def _install_signal_handlers(stop: threading.Event, signals: tuple[int, ...]) ->
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\ninterrupted: finishing images in flight (press Ctrl-C again to abort)", file=sys.stderr)
+        if announce:
+            print("\ninterrupted: finishing images in flight (press Ctrl-C again to abort)", file=sys.stderr)
 
     return {sig: signal.signal(sig, handler) for sig in signals}
 

@@ -42,6 +42,7 @@ from pid_cli.runner import (
     Records,
     _check_baseline_options,
     _drop_earlier_outputs,
+    _install_signal_handlers,
     _Progress,
     run,
 )
@@ -93,6 +94,8 @@ def run_per_device(job: DecodeJob) -> int:
                 records.add(data)
                 if data["status"] == "failed" and job.fail_fast:
                     stop.request("fail-fast")
+            elif event == "ready":
+                stop.worker_ready(index)
             elif event == "total":
                 progress.add_total(data)
             elif event == "advance":
@@ -120,10 +123,19 @@ def run_per_device(job: DecodeJob) -> int:
 
 
 class _ParentStop:
+    """Turns stop requests into SIGTERMs, each delivered to a worker once its handler is in place (a
+    worker still importing torch would die of it instead of stopping)."""
+
     def __init__(self, workers: list):
         self.workers = workers
+        self.ready: set[int] = set()
         self.reason: str | None = None
         self.sent = 0
+
+    def worker_ready(self, index: int) -> None:
+        self.ready.add(index)
+        for _ in range(self.sent):
+            self._signal(index)
 
     def handler(self, signum, frame) -> None:
         if self.sent == 0:
@@ -135,10 +147,14 @@ class _ParentStop:
         if reason != "signal" and self.sent:
             return  # a fail-fast or usage stop asks once; only a user's second signal aborts
         self.sent += 1
-        for w in self.workers:
-            if w.pid is not None and w.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.pid, signal.SIGTERM)
+        for index in self.ready:
+            self._signal(index)
+
+    def _signal(self, index: int) -> None:
+        worker = self.workers[index]
+        if worker.pid is not None and worker.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
 
 
 def _record_lost_inputs(job: DecodeJob, jobs: list[DecodeJob], died: dict[int, int], recorded: set[str],
@@ -157,6 +173,9 @@ def _record_lost_inputs(job: DecodeJob, jobs: list[DecodeJob], died: dict[int, i
 
 def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's Ctrl-C reaches us too
+    stop = threading.Event()
+    _install_signal_handlers(stop, (signal.SIGTERM,), announce=False)
+    events.put((index, "ready", None))  # from here on a SIGTERM stops this worker instead of killing it
 
     def watch_parent() -> None:
         while os.getppid() == parent:
@@ -166,7 +185,7 @@ def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
     threading.Thread(target=watch_parent, daemon=True).start()
     code = EXIT_FAILED
     try:
-        code = run(job, report=lambda event, data: events.put((index, event, data)), signals=(signal.SIGTERM,))
+        code = run(job, report=lambda event, data: events.put((index, event, data)), stop=stop)
     except (RegistryError, InputError, HubError, PermissionError, ValueError) as e:  # the CLI's usage errors
         events.put((index, "usage", str(e)))
         code = EXIT_USAGE

@@ -83,9 +83,8 @@ def test_a_killed_workers_inputs_are_recorded_as_failed(tiny):  # noqa: F811
     latents(tiny, n, shape=(16, 6, 6))
     proc = _spawn(tiny, "--devices", "cpu,cpu", "--batch-size", "1", "--json")
     _wait_for_pngs(tiny, proc, 2)
-    workers = [pid for pid in _children(proc.pid) if "pid_cli" in Path(f"/proc/{pid}/cmdline").read_text()
-               or "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_text()]
-    assert workers, "no worker processes found"
+    workers = _children(proc.pid)  # the two workers (and multiprocessing's resource tracker)
+    assert len(workers) >= 2
     os.kill(max(workers), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
@@ -103,6 +102,8 @@ def test_ctrl_c_stops_every_worker_with_one_record_per_input(tiny):  # noqa: F81
     latents(tiny, n, shape=(16, 6, 6))
     proc = _spawn(tiny, "--devices", "cpu,cpu", "--batch-size", "1", "--json")
     _wait_for_pngs(tiny, proc, 2)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
     proc.send_signal(signal.SIGINT)  # the parent only, as `kill -INT`; a terminal's Ctrl-C reaches all
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
@@ -110,4 +111,31 @@ def test_ctrl_c_stops_every_worker_with_one_record_per_input(tiny):  # noqa: F81
     assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
     assert {r["status"] for r in records} <= {"ok", "failed"}
     assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny["out"])) < n
-    assert hidden(tiny["out"]) == [] and _children(proc.pid) == []
+    assert hidden(tiny["out"]) == [] and not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_workers_configuration_error_is_the_runs_usage_error(tiny):  # noqa: F811
+    latents(tiny, 4, shape=(16, 2, 2))
+    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--matmul", "fp8", "--json"))
+    assert result.exit_code == 2 and "--matmul fp8 needs an NVIDIA GPU" in result.output
+    assert all(r["status"] == "failed" and "exited" not in r["error"] for r in records)  # stopped, not killed
+    assert not tiny["out"].exists() or not pngs(tiny["out"])
+
+
+def test_fail_fast_in_one_worker_stops_the_others(tiny):  # noqa: F811
+    n = 16
+    latents(tiny, n, shape=(16, 6, 6))
+    torch.save({"x": "not a tensor"}, tiny["inputs"] / "00_bad.pt")  # sorts first: worker 0's first input
+    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--batch-size", "1", "--json", "--fail-fast"))
+    assert result.exit_code == 1
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
+    assert sum(r["status"] == "ok" for r in records) < n  # the other worker stopped early too
+    assert any(r["error"] == "not decoded: the run stopped early" for r in records)
