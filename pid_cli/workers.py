@@ -1,8 +1,8 @@
 """`pid decode --devices A,B,...`: one worker process per device.
 
 Why processes and not a thread per GPU: a compiled decode still launches thousands of kernels from
-Python, and threads share one interpreter lock. On 4 H200s, threads reached 3.06x one GPU and one
-process per GPU 3.99x (BENCHMARKS.md).
+Python, and threads share one interpreter lock. On 4 H200s, threads reached 3.06x one GPU, separate
+processes 3.99x, and these workers 3.95x (BENCHMARKS.md).
 
 Each worker is the single-device run of `runner.run` on its share of the inputs: the run's own shard
 (`--shard K/N`, torchrun, Slurm) split again round-robin, so worker i of n takes shard K + N·i of N·n.
@@ -11,7 +11,8 @@ and the progress bar, so a multi-GPU run reads exactly like a single-GPU one.
 
 Stopping: workers ignore SIGINT. The parent turns the first Ctrl-C/SIGTERM (or a --fail-fast failure)
 into one SIGTERM per worker (finish the images in flight, record the rest), a second into another
-(abort). A worker whose parent is gone stops the same way. A worker that dies leaves inputs without
+(abort), each delivered once the worker has said its handler is in place. A worker whose parent is
+gone stops the same way. A worker that dies leaves inputs without
 a record: the parent records each of them as failed.
 """
 
