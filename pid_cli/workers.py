@@ -6,8 +6,8 @@ processes 3.99x, and these workers 3.95x (BENCHMARKS.md).
 
 Each worker is the single-device run of `runner.run` on its share of the inputs: the run's own shard
 (`--shard K/N`, torchrun, Slurm) split again round-robin, so worker i of n takes shard K + N·i of N·n.
-Workers hand their records and progress to this parent, the only writer of `--manifest-out`, `--json`
-and the progress bar, so a multi-GPU run reads exactly like a single-GPU one.
+Workers hand their records, progress and warnings to this parent, the only writer of `--manifest-out`,
+`--json`, the progress bar and stderr's warnings, so a multi-GPU run reads exactly like a single-GPU one.
 
 Stopping: workers ignore SIGINT. The parent turns the first Ctrl-C/SIGTERM (or a --fail-fast failure)
 into one SIGTERM per worker (finish the images in flight, record the rest), a second into another
@@ -77,6 +77,7 @@ def run_per_device(job: DecodeJob) -> int:
     exits: dict[int, int] = {}
     died: dict[int, int] = {}  # workers gone without reporting their exit: index → exit code
     usage_error: str | None = None
+    warned: set[str] = set()  # every worker meets the same odd sizes: say each once
     try:
         for w in workers:
             w.start()
@@ -101,6 +102,10 @@ def run_per_device(job: DecodeJob) -> int:
                 progress.add_total(data)
             elif event == "advance":
                 progress.advance()
+            elif event == "warn":
+                if data not in warned:
+                    warned.add(data)
+                    job.warn(data)
             elif event == "usage":
                 usage_error = usage_error or data
                 stop.request("usage")
@@ -185,6 +190,7 @@ def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
 
     threading.Thread(target=watch_parent, daemon=True).start()
     code = EXIT_FAILED
+    job = replace(job, warn=lambda message: events.put((index, "warn", message)))
     try:
         code = run(job, report=lambda event, data: events.put((index, event, data)), stop=stop)
     except (RegistryError, InputError, HubError, PermissionError, ValueError) as e:  # the CLI's usage errors

@@ -48,6 +48,7 @@ def test_two_workers_decode_what_one_device_does_and_the_parent_writes_every_rec
     assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
     assert all(r["status"] == "ok" for r in records)
     assert [json.loads(line) for line in manifest.read_text().splitlines()] == records
+    assert result.output.count("is outside the trained sizes") == 1  # both workers met it; said once
     expected, got = pngs(one), pngs(tiny["out"])
     assert sorted(got) == sorted(expected) and len(expected) == n
     assert all(np.array_equal(got[name], expected[name]) for name in expected)  # seeds follow the input, not the device
