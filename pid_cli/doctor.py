@@ -74,29 +74,27 @@ def time_decode(entry, device: torch.device, size: int = 2048) -> str:
             "`pid decode` compiles the blocks and runs faster")
 
 
-def _attention8_status(capability: tuple[int, int]) -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not available: Triton is not installed"
-    arch = f"sm_{capability[0]}{capability[1]}"
-    if capability < (8, 9):
-        return f"not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is {arch}"
-    return f"available as --attention 8bit ({arch}, Triton {triton.__version__})"
-
-
-def _fp8_matmul_status(device: torch.device) -> str:
+def _eight_bit_status(device: torch.device) -> tuple[str, str]:
+    """(--attention 8bit, --matmul fp8) availability on this GPU: both need 8-bit tensor cores."""
     from pid_cli.model import linear8
 
     capability = torch.cuda.get_device_capability(device)
     arch = f"sm_{capability[0]}{capability[1]}"
     if capability < (8, 9):
-        return f"not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is {arch}"
+        missing = f"not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is {arch}"
+        return missing, missing
+    try:
+        import triton
+
+        attention = f"available as --attention 8bit ({arch}, Triton {triton.__version__})"
+    except ImportError:
+        attention = "not available: Triton is not installed"
     try:
         linear8.probe(device)
+        matmul = f"available as --matmul fp8 ({arch})"
     except ValueError as e:
-        return f"not available: {e}"
-    return f"available as --matmul fp8 ({arch})"
+        matmul = f"not available: {e}"
+    return attention, matmul
 
 
 def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
@@ -112,8 +110,9 @@ def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
         rows.append(("cuDNN attention", torch.backends.cuda.cudnn_sdp_enabled(),
                      "enabled (preferred)" if torch.backends.cuda.cudnn_sdp_enabled() else
                      "disabled: flash/efficient SDPA will be used (slower)"))
-        rows.append(("8-bit attention", None, _attention8_status(torch.cuda.get_device_capability(device))))
-        rows.append(("FP8 matmuls", None, _fp8_matmul_status(device)))
+        attention8, matmul8 = _eight_bit_status(device)
+        rows.append(("8-bit attention", None, attention8))
+        rows.append(("FP8 matmuls", None, matmul8))
     else:
         rows.append(("GPUs", None, "none: decoding runs on the CPU in fp32 (slow at 2K/4K)"))
     try:

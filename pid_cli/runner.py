@@ -202,17 +202,13 @@ def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | No
     """Decode everything `job` names; returns the process exit code. Several devices: one worker process
     each (see workers.py), which calls this with `report` (records and progress go to the parent) and its
     own `stop`, set by its signal handler; without one, SIGINT/SIGTERM are handled here."""
+    check_job(job)
     if len(job.devices) > 1:
         from pid_cli.workers import run_per_device
 
         return run_per_device(job)
-    check_template(job.template)
-    _check_baseline_options(job)
-    check_writable(job.out)  # before any GPU work
     clean_partials(job.out)
-    specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
-    if job.shard is not None:
-        specs = take_shard(specs, *job.shard)
+    specs = job_inputs(job)
     previous = {}
     if stop is None:
         stop = threading.Event()
@@ -234,6 +230,19 @@ def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | No
     if stop.is_set():
         return EXIT_INTERRUPTED
     return EXIT_FAILED if records.counts["failed"] or records.lost else EXIT_OK
+
+
+def check_job(job: DecodeJob) -> None:
+    """What would refuse the whole run, refused before any input is read or GPU work starts."""
+    check_template(job.template)
+    _check_baseline_options(job)
+    check_writable(job.out)
+
+
+def job_inputs(job: DecodeJob) -> list[InputSpec]:
+    """The inputs this run (or this worker) owns: collected, sorted, outputs of earlier runs left out, its shard."""
+    specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
+    return take_shard(specs, *job.shard) if job.shard is not None else specs
 
 
 def _check_baseline_options(job: DecodeJob) -> None:
@@ -762,14 +771,15 @@ COMPILE_MIN_MEGAPIXELS = 400
 
 
 def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
-    """`--compile auto`: compile only when each GPU has enough output pixels to win the time back, so
-    a short interactive run shows its first image in seconds; None leaves it to the Decoder (CPU: never)."""
+    """`--compile auto`: compile only when this GPU has enough output pixels to win the time back (with
+    several GPUs each worker decides for its own share), so a short interactive run shows its first image
+    in seconds; None leaves it to the Decoder (CPU: never)."""
     if job.compile != "auto":
         return job.compile == "on"
-    if any(d.type != "cuda" for d in job.devices):
+    if job.devices[0].type != "cuda":
         return None
     megapixels = sum(item.shape[1] * item.shape[2] for item in items) * scale * scale / 1e6
-    return megapixels / len(job.devices) >= COMPILE_MIN_MEGAPIXELS
+    return megapixels >= COMPILE_MIN_MEGAPIXELS
 
 
 def _load_decoder(job: DecodeJob, compile: bool | None) -> Decoder:

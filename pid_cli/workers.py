@@ -31,8 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from pid_cli.hub import HubError
-from pid_cli.inputs import InputError, check_template, collect_inputs, take_shard
-from pid_cli.outputs import check_writable
+from pid_cli.inputs import InputError
 from pid_cli.registry import RegistryError
 from pid_cli.runner import (
     EXIT_FAILED,
@@ -41,10 +40,9 @@ from pid_cli.runner import (
     EXIT_USAGE,
     DecodeJob,
     Records,
-    _check_baseline_options,
-    _drop_earlier_outputs,
     _install_signal_handlers,
     _Progress,
+    job_inputs,
     run,
 )
 
@@ -60,9 +58,7 @@ def worker_jobs(job: DecodeJob) -> list[DecodeJob]:
 
 
 def run_per_device(job: DecodeJob) -> int:
-    check_template(job.template)  # what every worker would refuse, refused once, before any process starts
-    _check_baseline_options(job)
-    check_writable(job.out)
+    """The parent of a multi-device run (`runner.run` has refused a bad job before calling this)."""
     jobs = worker_jobs(job)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     events: multiprocessing.Queue = context.Queue()
@@ -113,7 +109,7 @@ def run_per_device(job: DecodeJob) -> int:
                 exits[index] = data
         for w in workers:
             w.join()
-        _record_lost_inputs(job, jobs, died, recorded, records)
+        _record_lost_inputs(jobs, died, recorded, records)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -163,15 +159,14 @@ class _ParentStop:
                 os.kill(worker.pid, signal.SIGTERM)
 
 
-def _record_lost_inputs(job: DecodeJob, jobs: list[DecodeJob], died: dict[int, int], recorded: set[str],
-                        records: Records) -> None:
+def _record_lost_inputs(jobs: list[DecodeJob], died: dict[int, int], recorded: set[str], records: Records) -> None:
     """Inputs of a worker that died (out of memory, a driver error, SIGKILL) still get their record."""
     for i, code in died.items():
         try:
-            specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
+            specs = job_inputs(jobs[i])
         except Exception:  # the inputs vanished meanwhile: nothing more to say per input
             return
-        for spec in take_shard(specs, *jobs[i].shard):
+        for spec in specs:
             if str(spec.path) not in recorded:
                 records.emit(spec, "failed", [], 0.0,
                              f"not decoded: the worker on {jobs[i].devices[0]} exited with code {code}")

@@ -81,3 +81,27 @@ def test_list_says_which_backbones_take_images():
     assert all(v for k, v in records.items() if not k.startswith(("dinov2", "siglip")))
     table = CliRunner().invoke(app, ["list"], env={"COLUMNS": "200"}).stdout
     assert "dinov2 (latents only)" in table and "flux (latents only)" not in table
+
+
+def test_doctor_reports_the_8bit_modes_per_gpu_architecture(monkeypatch):
+    """`pid doctor`'s rows for --attention 8bit and --matmul fp8 (no GPU here: the capability and the
+    FP8 probe are stood in for)."""
+    import torch
+
+    from pid_cli import doctor
+    from pid_cli.model import linear8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    attention, matmul = doctor._eight_bit_status(torch.device("cuda:0"))
+    assert attention == matmul == "not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is sm_80"
+
+    def refuse(device):
+        raise ValueError("--matmul fp8: this torch build cannot run per-row FP8 matmuls")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(linear8, "probe", refuse)
+    attention, matmul = doctor._eight_bit_status(torch.device("cuda:0"))
+    assert attention.startswith(("available as --attention 8bit (sm_90", "not available: Triton"))
+    assert matmul == "not available: --matmul fp8: this torch build cannot run per-row FP8 matmuls"
+    monkeypatch.setattr(linear8, "probe", lambda device: None)
+    assert doctor._eight_bit_status(torch.device("cuda:0"))[1] == "available as --matmul fp8 (sm_90)"
