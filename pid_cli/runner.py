@@ -48,7 +48,7 @@ from pid_cli.latents import (
     training_sigma,
 )
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
-from pid_cli.pipeline import Decoder, resolve_device, to_uint
+from pid_cli.pipeline import Decoder, HostPixels, resolve_device, to_uint
 from pid_cli.registry import Entry
 
 if TYPE_CHECKING:
@@ -460,8 +460,9 @@ class _Session:
             ready.put(None)
 
         n_writers = max(2, min(8, os.cpu_count() or 2))
-        # Baseline items carry float images (~150 MB at 4K) to the writers: bound how many wait there.
-        baseline_slots = threading.BoundedSemaphore(2 * n_writers)
+        # Images waiting for a writer hold host memory (pinned pixels; with baselines, float images of ~150 MB at
+        # 4K): bound how many, so a slow disk holds the decode back instead of filling RAM.
+        slots = threading.BoundedSemaphore(2 * n_writers)
         with ThreadPoolExecutor(max_workers=n_writers) as writers:
             written: list[Future] = []
 
@@ -477,12 +478,9 @@ class _Session:
                         for item, pixels in zip(sub, images, strict=True):
                             if isinstance(pixels, str):
                                 self.finish(item, pixels, progress)
-                            elif isinstance(pixels, Baseline):
-                                baseline_slots.acquire()
-                                written.append(writers.submit(self.write_baseline, item, pixels, progress,
-                                                              baseline_slots))
                             else:
-                                written.append(writers.submit(self.write, item, pixels, progress))
+                                slots.acquire()
+                                written.append(writers.submit(self._write, item, pixels, progress, slots))
 
             threading.Thread(target=feeder, daemon=True).start()
             decoding = threading.Thread(target=worker)  # the main thread stays free for signals
@@ -529,7 +527,8 @@ class _Session:
                       sigmas: list[float]) -> list:
         """Encode the batch's images, decode everything with PiD and, for baselines, with the VAE too.
 
-        Returns per item PNG-ready pixels [H, W, 3] (uint8/16), or a `Baseline` for the writer to finish.
+        Returns per item a `_Pending` image (its pixels still on their way from the GPU) or a `Baseline`, for
+        the writer to finish.
         """
         job = self.job
         latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given
@@ -537,9 +536,10 @@ class _Session:
         text = torch.stack([self.text[item.prompt] for item in batch])
         images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
                                        [i.seed for i in batch], job.steps)  # [B, 3, H, W] in [-1, 1]
-        blank = _non_finite(batch, images)  # NaN/Inf would be written as a black PNG: fail those items instead
         if not self.baselines:
-            return _mask(list(to_uint(images, job.bit_depth)), blank)
+            pixels = HostPixels(images, job.bit_depth)  # no wait for the GPU: the next batch queues behind
+            return [_Pending(pixels, i) for i in range(len(batch))]
+        blank = _non_finite(batch, images)  # NaN/Inf would be written as a black PNG: fail those items instead
         vae = codec.get().decode(latents).cpu()  # [B, 3, H/sr, W/sr]: the backbone's own decode of each latent
         images = images.float().cpu()
         return _mask([Baseline(pid, ref, src.float() if item.plan is not None else None)
@@ -557,7 +557,22 @@ class _Session:
                 latents[i] = z
         return torch.stack(latents)
 
-    def write(self, item: Item, pixels, progress: _Progress) -> None:
+    def _write(self, item: Item, pixels: _Pending | Baseline, progress: _Progress,
+               slot: threading.BoundedSemaphore) -> None:
+        try:
+            (self.write_baseline if isinstance(pixels, Baseline) else self.write)(item, pixels, progress)
+        finally:
+            slot.release()
+
+    def write(self, item: Item, pending: _Pending, progress: _Progress) -> None:
+        try:
+            pixels = pending.batch.get(pending.index)
+        except Exception as e:  # a GPU fault surfaces where the copy is awaited
+            self.finish(item, f"{item.spec.path}: decode failed ({type(e).__name__}: {e})", progress)
+            return
+        if pixels is None:
+            self.finish(item, _non_finite_error(item), progress)
+            return
         try:
             text = _png_text(self.job, item) if self.job.metadata else None
             write_atomic(item.output, encode_png(pixels, text), overwrite=self.job.overwrite)
@@ -572,8 +587,7 @@ class _Session:
         except Exception as e:  # e.g. PNG metadata that cannot be encoded: fail this image, not the run
             self.finish(item, f"{item.output}: cannot write ({type(e).__name__}: {e})", progress)
 
-    def write_baseline(self, item: Item, baseline: Baseline, progress: _Progress,
-                       slots: threading.BoundedSemaphore) -> None:
+    def write_baseline(self, item: Item, baseline: Baseline, progress: _Progress) -> None:
         """Colour-fix and write the PiD output, plus NAME.vae.png and NAME.compare.png with --compare."""
         job = self.job
         path = item.output
@@ -595,8 +609,6 @@ class _Session:
             self.finish(item, f"{path}: cannot write ({e.strerror or e})", progress)
         except Exception as e:  # a failed colour fix or strip fails this item only
             self.finish(item, f"{item.spec.path}: baseline failed ({type(e).__name__}: {e})", progress)
-        finally:
-            slots.release()
 
     def finish(self, item: Item, error: str | None, progress: _Progress) -> None:
         with self.lock:
@@ -634,8 +646,20 @@ def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
 def _non_finite(batch: list[Item], images: Tensor) -> dict[int, str]:
     """Errors for the items whose decoded pixels hold NaN or Inf (an overflowing latent, a broken checkpoint)."""
     finite = torch.isfinite(images.flatten(1)).all(1).tolist()
-    return {i: f"{item.spec.path}: the decoder produced NaN/Inf pixels{f' (item {item.index})' if item.index else ''}"
-               "; nothing was written" for i, (item, ok) in enumerate(zip(batch, finite, strict=True)) if not ok}
+    return {i: _non_finite_error(item) for i, (item, ok) in enumerate(zip(batch, finite, strict=True)) if not ok}
+
+
+def _non_finite_error(item: Item) -> str:
+    return (f"{item.spec.path}: the decoder produced NaN/Inf pixels{f' (item {item.index})' if item.index else ''}"
+            "; nothing was written")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One item of a decoded batch whose pixels are still being copied off the GPU."""
+
+    batch: HostPixels
+    index: int
 
 
 def _mask(results: list, errors: dict[int, str]) -> list:

@@ -71,11 +71,14 @@ def sample(net: nn.Module, noise: Tensor, y: Tensor, lq_latent: Tensor, degrade_
         velocity = lambda x, t: net.velocity(x, t, cond)
     else:
         velocity = lambda x, t: net(x, t, y, lq_latent, sigma)
+    # One copy of the schedule to the device and its values on the host: a per-step copy or .item() would
+    # make the host wait for the GPU to drain before it could queue the next step.
+    ts_device, t_values = ts.to(device), ts.tolist()
     for k in range(ts.numel() - 1):
-        t_cur, t_next = ts[k].to(device), ts[k + 1].to(device)
+        t_cur, t_next = ts_device[k], ts_device[k + 1]
         v = velocity(x, (t_cur * FM_TIMESCALE).expand(batch))
         x0 = (x.double() - t_cur.double() * v.double()).float()
-        if t_next.item() > 0:
+        if t_values[k + 1] > 0:
             e = eps[k].to(device=device, dtype=torch.float32) if eps is not None else \
                 draw_noise(x.shape, generator, device)
             x = (1 - t_next) * x0 + t_next * e

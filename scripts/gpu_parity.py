@@ -2,7 +2,7 @@
 bound (1e-5; GPU kernels sum in other orders than the CPU reference, so single elements can
 move more than the CPU max-abs bound), the bf16 policy and the compiled path must stay within
 the stated bf16 bound (relative L2 2e-2). Then the opt-in 8-bit attention kernel and FP8 matmuls against
-their CPU references.
+their CPU references, and the pixels `pid decode` copies off the GPU.
 
     python scripts/gpu_parity.py
 """
@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pid_cli.model import PiDNet, load_weights
 from pid_cli.model.layers import fast_attention
+from pid_cli.pipeline import HostPixels, to_uint
 from pid_cli.sampler import sample
 
 PARITY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pid_parity"
@@ -78,6 +80,21 @@ def check_linear8(dev: torch.device) -> float:
     return failed
 
 
+def check_host_pixels(dev: torch.device) -> float:
+    """The GPU's PNG levels, copied behind the decode into pinned memory, equal the CPU's; NaN items are flagged."""
+    images = torch.rand(3, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    images[1, 2, 7, 9] = float("nan")
+    failed = 0.0
+    for bits in (8, 16):
+        host = HostPixels(images.to(dev), bits)
+        expected = to_uint(images.nan_to_num(), bits)
+        same = [np.array_equal(host.get(i), expected[i]) for i in (0, 2)]
+        ok = all(same) and host.get(1) is None
+        print(f"{bits}-bit pixels through pinned memory: {'equal to the CPU levels' if ok else 'MISMATCH'}")
+        failed = max(failed, 0.0 if ok else 1.0)
+    return failed
+
+
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -108,7 +125,7 @@ def main() -> int:
                 worst = max(worst, 1.0)
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
-    worst = max(worst, check_attention8(dev), check_linear8(dev))
+    worst = max(worst, check_attention8(dev), check_linear8(dev), check_host_pixels(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 

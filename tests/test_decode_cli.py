@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pid_cli.cli import app
+from pid_cli.images import read_image
 from pid_cli.text import save_prompt_embeds
 
 SCALE = 32  # tiny v1_flux: 8 px per latent cell × sr 4
@@ -194,6 +195,77 @@ def test_sixteen_bit_output(setup):
     assert _run(_args(s, "--bit-depth", "16", "--no-metadata"))[0].exit_code == 0
     data = (s["out"] / "a.png").read_bytes()
     assert data[24] == 16 and b"pid:backbone" not in data  # IHDR bit depth; no text chunks
+
+
+def test_sixteen_bit_pixels_are_the_decoders_levels(setup, monkeypatch):
+    """The 16-bit PNG holds round((x + 1) · 65535 / 2) of the decoded image, every level exact (levels above
+    32767 included, which cross from the GPU as int16)."""
+    from pid_cli import pipeline
+
+    seen = []
+    decode_tensor = pipeline.Decoder.decode_tensor
+    monkeypatch.setattr(pipeline.Decoder, "decode_tensor",
+                        lambda *a, **k: seen.append(decode_tensor(*a, **k)) or seen[-1])
+    s = setup
+    save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "a.safetensors")
+    assert _run(_args(s, "--bit-depth", "16"))[0].exit_code == 0
+    x = seen[0][0].float().clamp(-1, 1).numpy()  # float32 arithmetic, as the writer's
+    expected = np.round((x + np.float32(1)) * np.float32(65535 / 2)).transpose(1, 2, 0)
+    pixels, _ = read_image(s["out"] / "a.png")
+    assert pixels.dtype == np.uint16 and np.array_equal(pixels, expected.astype(np.uint16))
+
+
+def test_non_finite_pixels_fail_their_item_only(setup, monkeypatch):
+    """A decode whose pixels hold NaN (a broken checkpoint, an overflow) fails that item and writes nothing."""
+    from pid_cli import pipeline
+
+    decode_tensor = pipeline.Decoder.decode_tensor
+
+    def poisoned(self, latents, *args, **kwargs):
+        images = decode_tensor(self, latents, *args, **kwargs).clone()
+        images[0, 1, 3, 5] = float("nan")
+        return images
+
+    monkeypatch.setattr(pipeline.Decoder, "decode_tensor", poisoned)
+    s = setup
+    save_file({"x": _latent(s, 2, 16, 2, 2)}, s["inputs"] / "pair.safetensors")
+    save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "single.safetensors")
+    result, records = _run(_args(s, "--json", "--batch-size", "2"))
+    assert result.exit_code == 1
+    by_name = {os.path.basename(r["input"]): r for r in records}
+    assert "the decoder produced NaN/Inf pixels; nothing was written" in by_name["pair.safetensors"]["error"]
+    assert "NaN/Inf" in by_name["single.safetensors"]["error"]
+    assert sorted(p.name for p in s["out"].iterdir()) == ["pair_1.png"]
+
+
+def test_a_slow_disk_holds_the_decode_back(setup, monkeypatch):
+    """Decoded images waiting for a writer hold (pinned) host memory: at most 2 per writer thread wait, plus
+    the one the decode thread is handing over, however far the writers fall behind."""
+    from pid_cli import pipeline, runner
+
+    counts = {"decoded": 0, "written": 0, "most_waiting": 0}
+    decode_tensor, encode_png = pipeline.Decoder.decode_tensor, runner.encode_png
+
+    def decode(*args, **kwargs):
+        images = decode_tensor(*args, **kwargs)
+        counts["decoded"] += 1
+        counts["most_waiting"] = max(counts["most_waiting"], counts["decoded"] - counts["written"])
+        return images
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(0.4)  # several decodes' time
+        counts["written"] += 1
+        return encode_png(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Decoder, "decode_tensor", decode)
+    monkeypatch.setattr(runner, "encode_png", slow_encode)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)  # 2 writer threads
+    s = setup
+    for i in range(14):
+        save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / f"{i:02d}.safetensors")
+    result, records = _run(_args(s, "--json"))
+    assert result.exit_code == 0 and [r["status"] for r in records] == ["ok"] * 14
+    assert counts["written"] == 14 and 3 <= counts["most_waiting"] <= 2 * 2 + 1
 
 
 def test_sigint_leaves_only_complete_pngs_and_rerun_finishes(setup):
