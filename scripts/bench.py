@@ -149,7 +149,7 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
 
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             once()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=110))
     seconds = statistics.median(times)
     return {"policy": policy, "size": size, "batch": batch, "steps": steps, "s_per_image": seconds / batch,
             "images_per_s": batch / seconds, "spread": (max(times) - min(times)) / seconds,

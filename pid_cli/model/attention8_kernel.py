@@ -54,7 +54,11 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base, 
         s = tl.where((keys < n_kv)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, (tl.max(s, 1) - MAGIC) * factor)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2((s - MAGIC) * factor[:, None] - (m_new - LOG2_FP8_MAX)[:, None])  # (0, 448]
+    # (s − MAGIC)·factor − (m_new − log2 448) as one fused multiply-add per logit (the per-element work, not
+    # the tensor cores, bounds this kernel). The FMA rounds once; rounding `bias` moves a row's logits of one
+    # key block alike, by half an ulp of MAGIC·factor (~1e-4 in log2 units at PiD's scales).
+    bias = MAGIC * factor + (m_new - LOG2_FP8_MAX)
+    p = tl.math.exp2(s * factor[:, None] - bias[:, None])  # (0, 448]
     l_i = l_i * alpha + tl.sum(p, 1)
     p8 = p.to(tl.float8e4nv)
     v = tl.load(v_base + tl.arange(0, D_LO)[None, :] * n_pad + keys[:, None])  # [BLOCK_N, D_LO]

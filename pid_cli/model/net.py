@@ -320,7 +320,7 @@ class PiDNet(nn.Module):
 
     def set_attention(self, mode: str) -> PiDNet:
         """Pick the attention arithmetic: "bf16" (SDPA, cuDNN first; exact in an fp32 network) or the
-        opt-in "8bit" kernel (INT8 Q·K, FP8 P·V; Ada/Hopper GPUs; 1.18x faster 4K decodes on an H100, error
+        opt-in "8bit" kernel (INT8 Q·K, FP8 P·V; Ada/Hopper GPUs; 1.20x faster 4K decodes on an H100, error
         published in BENCHMARKS.md). Set before the first decode: compiled graphs keep the mode they saw."""
         from pid_cli.model import attention8
         from pid_cli.model.layers import ATTENTION_MODES
