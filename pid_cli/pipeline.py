@@ -130,9 +130,6 @@ class HostPixels:
         else:
             self._levels, self._finite = levels, finite
 
-    def __len__(self) -> int:
-        return self._levels.shape[0]
-
     def get(self, index: int) -> np.ndarray | None:
         """Item `index` as [H, W, 3] uint8/uint16, or None when its pixels hold NaN or Inf."""
         if self._copied is not None:
