@@ -323,7 +323,7 @@ def decode(
                                               "CPU).")] = None,
     attention: Annotated[str, typer.Option("--attention", help="bf16 (cuDNN, exact to the bf16 policy) or "
                                            "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs; on an H100 a 4K "
-                                           "decode is 1.20x faster (2K: 1.11x) at a small, measured error "
+                                           "decode is 1.20x faster (2K: 1.13x) at a small, measured error "
                                            "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
     matmul: Annotated[str, typer.Option("--matmul", help="bf16 or fp8: the image-token matmuls in FP8 on "
                                         "Hopper/Ada GPUs; on an H100 a 2K decode is 1.07x faster (4K: 1.02x), "

@@ -64,10 +64,11 @@ def test_quantize_kv_layout_padding_and_scales():
     k, v = torch.randn(1, 300, 2, 72, generator=gen), torch.randn(1, 300, 2, 72, generator=gen) * 5
     k8, k_scale, v8, v_scale = attention8.quantize_kv(k, v)
     assert k8.dtype == torch.int8 and tuple(k8.shape) == (1, 2, 384, 96)  # 300 keys → 3 blocks of 128; 72 → 64 + 32
-    assert v8.dtype == torch.float8_e4m3fn and tuple(v8.shape) == (1, 2, 80, 384)  # transposed; 72 → 64 + 16
+    assert v8.dtype == torch.float8_e4m3fn and tuple(v8.shape) == (1, 2, 80, 384)  # transposed; 72 + ones → 64 + 16
     assert tuple(k_scale.shape) == (1, 2, 3) and tuple(v_scale.shape) == (1, 2, 72)
     assert (k8[:, :, 300:] == 0).all() and (k8[..., 72:] == 0).all()
-    assert (v8[:, :, :, 300:].float() == 0).all() and (v8[:, :, 72:].float() == 0).all()
+    assert (v8[:, :, :, 300:].float() == 0).all() and (v8[:, :, 73:].float() == 0).all()
+    assert (v8[:, :, 72, :300].float() == 1).all()  # the ones channel: P·V also sums the softmax weights
     assert k8.abs().max() == 127 and v8.float().abs().max() == 448  # each scale uses the whole range
     centred = (k - k.mean(1, keepdim=True)).transpose(1, 2)  # [1, 2, 300, 72]
     blocks = (k8.float().unflatten(2, (3, 128)) * k_scale[..., None, None]).flatten(2, 3)[:, :, :300, :72]
@@ -79,9 +80,9 @@ def test_quantize_kv_layout_padding_and_scales():
 
 
 def test_head_dim_split():
-    assert attention8.split_widths(64) == (0, 0)
+    assert attention8.split_widths(64) == (0, 16)  # V gets its ones channel in a 16-wide remainder
     assert attention8.split_widths(72) == (32, 16)
-    assert attention8.split_widths(96) == (32, 32)
+    assert attention8.split_widths(96) == (32, 64)
     assert [d for d in range(32, 130) if attention8.supported(d)] == list(range(64, 97))
 
 

@@ -3,8 +3,8 @@
 Why it exists: at 4096² attention is ~80% of a decode (1.65e15 FLOP per image) and cuDNN's bf16
 kernel already runs at its ceiling (~430 TFLOP/s on an H100). Hopper's 8-bit tensor cores have twice
 the bf16 rate, and PyTorch's SDPA refuses 8-bit inputs, so the kernel is ours (Triton). At PiD's head
-dims the softmax's per-element work (exp2, conversions), not the tensor cores, bounds it: 518 TFLOP/s
-(MMDiT) and 474 (PiT) at 4K on an H100, 1.21-1.33x cuDNN, and 1.20x for a whole 4K decode.
+dims the softmax's per-element work (exp2, conversions), not the tensor cores, bounds it: 556 TFLOP/s
+(MMDiT) and 464 (PiT) at 4K on an H100, 1.26-1.33x cuDNN.
 
 Q·K runs in INT8 and P·V in FP8 (e4m3), the split SageAttention made popular: logits are sums of
 many products whose operands have a bounded range, where INT8's uniform 8 bits lose ~4x less than
@@ -13,13 +13,17 @@ FP8's 4-bit mantissa; probabilities span decades, which only a float format keep
   K  the per-head mean over all keys removed first (adding q·mean to a whole row of logits leaves
      softmax unchanged, and it shrinks what 8 bits must hold), then one scale per block of 128 keys.
   V  one FP8 scale per channel over all keys; stored transposed, [.., head_dim, keys], as Hopper's
-     8-bit MMA wants its second operand.
-  P  the softmax numerator exp2(s - max) ∈ (0, 1] times 448, e4m3's full range.
-Logits, the running max and sum and both accumulators stay fp32.
+     8-bit MMA wants its second operand, with one more channel of ones after the last (see P).
+  P  the softmax numerator exp2(s - max) ∈ (0, 1] times 448, e4m3's full range. The softmax denominator is
+     the sum of the FP8 numerators, the weights that multiply V. At head dim 64 the ones channel of V makes
+     the P·V product compute it: one adder less per logit, where per-logit work bounds the kernel (+7-8%
+     on an H100). Above 64 the kernel sums the unrounded numerators instead (faster there; the two sums
+     differ by ~1e-3 relative).
+Logits, the running max and both accumulators stay fp32.
 
 Head dims 64 (MMDiT) and 72 (PiT) are what PiD has. Triton blocks are powers of two, so a head dim
 above 64 is split into a 64-wide part and a zero-padded remainder (32 wide for Q·K, whose 8-bit MMA
-needs K ≥ 32; 16 wide for P·V).
+needs K ≥ 32); V's channels plus the ones channel are split alike (64 + 16 for both head dims).
 
 `reference_attention` computes the same quantised arithmetic with plain torch ops on any device; the
 tests hold it against exact attention on the CPU, and `scripts/gpu_parity.py` holds the kernel against
@@ -45,12 +49,13 @@ def supported(head_dim: int) -> bool:
 
 
 def split_widths(head_dim: int) -> tuple[int, int]:
-    """Widths of the zero-padded remainder above the first 64 channels: (for Q·K, for P·V)."""
+    """Widths of the zero-padded remainder above the first 64 channels: (for Q·K, for P·V, whose remainder
+    also holds the ones channel)."""
+    def pow2(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
     rest = head_dim - 64
-    if rest == 0:
-        return 0, 0
-    pow2 = 1 << (rest - 1).bit_length()
-    return max(32, pow2), max(16, pow2)
+    return (max(32, pow2(rest)) if rest else 0), max(16, pow2(rest + 1))
 
 
 def _round_int8(x: Tensor) -> Tensor:
@@ -60,7 +65,7 @@ def _round_int8(x: Tensor) -> Tensor:
 def quantize_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """k, v [B, N, heads, D] → k8 [B, heads, Np, Dqk] int8, k_scale [B, heads, Np/128] fp32,
     v8 [B, heads, Dv, Np] float8_e4m3fn (transposed), v_scale [B, heads, D] fp32; Np is N rounded up
-    to 128; padding rows and channels are zero."""
+    to 128; padding rows and channels are zero, except channel D of v8: ones."""
     n, d = k.shape[1], k.shape[3]
     qk_rest, v_rest = split_widths(d)
     n_pad = -(-n // KEY_BLOCK) * KEY_BLOCK
@@ -73,7 +78,8 @@ def quantize_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     v = v.float()
     v_scale = v.abs().amax(1).clamp_min(1e-20) / FP8_MAX  # [B, heads, D]
     v = (v / v_scale[:, None]).permute(0, 2, 3, 1)  # [B, heads, D, N]
-    v8 = F.pad(v, (0, n_pad - n, 0, 64 + v_rest - d)).to(torch.float8_e4m3fn)  # [B, heads, Dv, Np]
+    v = torch.cat([v, torch.ones_like(v[:, :, :1])], 2)  # [B, heads, D + 1, N]: the denominator's channel
+    v8 = F.pad(v, (0, n_pad - n, 0, 64 + v_rest - d - 1)).to(torch.float8_e4m3fn)  # [B, heads, Dv, Np]
     return k8, k_scale, v8.contiguous(), v_scale
 
 
@@ -89,8 +95,9 @@ def attend_quantized(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale
     logits = (q8 @ keys.transpose(-1, -2)) * q_scale * (math.log2(math.e) / math.sqrt(d))  # log2 units
     p = torch.exp2(logits - logits.amax(-1, keepdim=True)) * FP8_MAX
     p8 = p.to(torch.float8_e4m3fn).float()
-    values = v8.float()[:, :, :d, :n_kv].transpose(-1, -2)  # [B, heads, N, D], still scaled per channel
-    out = (p8 @ values) / p.sum(-1, keepdim=True) * v_scale[:, :, None, :]
+    values = v8.float()[:, :, :d + 1, :n_kv].transpose(-1, -2)  # [B, heads, N, D + 1], still scaled per channel
+    weighted = p8 @ values  # [B, heads, Nq, D + 1]: the last channel sums the weights (V's ones)
+    out = weighted[..., :d] / weighted[..., d:] * v_scale[:, :, None, :]
     return out.transpose(1, 2).to(q.dtype)
 
 
