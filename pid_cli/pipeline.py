@@ -92,6 +92,11 @@ def to_uint(images: Tensor, bit_depth: int = 8) -> np.ndarray:
     return _png_levels(_device_levels(images, bit_depth).cpu().numpy())
 
 
+def finite_items(images: Tensor) -> Tensor:
+    """[B, ...] → [B] bool: whether each item is free of NaN and Inf (which a PNG would show as black)."""
+    return torch.isfinite(images.flatten(1)).all(1)
+
+
 def _device_levels(images: Tensor, bit_depth: int) -> Tensor:
     """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] levels on the images' device, in the narrowest type that copies:
     uint8, or for 16 bits int16 holding level − 32768 (torch has no uint16 arithmetic on GPUs)."""
@@ -118,7 +123,7 @@ class HostPixels:
 
     def __init__(self, images: Tensor, bit_depth: int = 8):
         levels = _device_levels(images, bit_depth)  # [B, H, W, 3]
-        finite = torch.isfinite(images.flatten(1)).all(1)  # [B]: NaN/Inf would be written as black
+        finite = finite_items(images)  # [B]
         self._copied: torch.cuda.Event | None = None
         if images.is_cuda:
             self._levels = torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True)

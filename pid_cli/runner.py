@@ -48,7 +48,7 @@ from pid_cli.latents import (
     training_sigma,
 )
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
-from pid_cli.pipeline import Decoder, HostPixels, resolve_device, to_uint
+from pid_cli.pipeline import Decoder, HostPixels, finite_items, resolve_device, to_uint
 from pid_cli.registry import Entry
 
 if TYPE_CHECKING:
@@ -645,7 +645,7 @@ def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
 
 def _non_finite(batch: list[Item], images: Tensor) -> dict[int, str]:
     """Errors for the items whose decoded pixels hold NaN or Inf (an overflowing latent, a broken checkpoint)."""
-    finite = torch.isfinite(images.flatten(1)).all(1).tolist()
+    finite = finite_items(images).tolist()
     return {i: _non_finite_error(item) for i, (item, ok) in enumerate(zip(batch, finite, strict=True)) if not ok}
 
 

@@ -1,0 +1,84 @@
+"""A/B the 8-bit attention kernel of an earlier git revision against the working tree's, in one process on one
+GPU, on PiD's attention shapes: TFLOP/s (best of two interleaved rounds) and relative L2 error against fp32
+attention. Card-to-card spread is larger than the kernel changes measured here, so both run side by side.
+
+    python scripts/attention8_ab.py 4b464d2          # the kernel before the fused logit FMA
+    python scripts/attention8_ab.py c53003b          # the kernel before the ones-channel denominator
+
+Each side quantises K and V with its own revision's `quantize_kv` (their layouts may differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from attention8_bench import SHAPES, inputs, rel_l2, sdpa, timed  # noqa: E402
+
+from pid_cli.model import attention8, attention8_kernel  # noqa: E402
+
+
+def load_revision(rev: str, folder: Path):
+    """The revision's attention8 and attention8_kernel modules, loaded under private names."""
+    modules = []
+    for name in ("attention8", "attention8_kernel"):
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:pid_cli/model/{name}.py"],
+                                capture_output=True, text=True, check=True).stdout
+        source = source.replace("from pid_cli.model.attention8 import", "from ab_attention8 import")
+        path = folder / f"ab_{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(f"ab_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"ab_{name}"] = module
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("rev", help="the git revision whose kernel is side A")
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, tmp)
+        old8, old_kernel = load_revision(args.rev, Path(tmp))
+        sides = {args.rev: (old8, old_kernel), "working tree": (attention8, attention8_kernel)}
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        print(f"| shape | {' | '.join(f'{s} TFLOP/s' for s in sides)} | rel L2 vs fp32, logit std 1 / 3 |")
+        print("|---|---|---|---|")
+        for name, shape in SHAPES.items():
+            compare(name, shape, sides, gen)
+            torch.cuda.empty_cache()
+
+
+def compare(name: str, shape: tuple[int, int, int, int], sides: dict, gen: torch.Generator) -> None:
+    nq, nk, heads, d = shape
+    q, k, v = inputs(nq, nk, heads, d, 1.0, gen)
+    packed = {s: m8.quantize_kv(k, v) for s, (m8, _) in sides.items()}
+    flops = 4 * nq * nk * d * heads
+    best = dict.fromkeys(sides, 0.0)
+    for _ in range(2):  # interleaved, so clocks and temperature treat both alike
+        for s, (_, kernel) in sides.items():
+            t = timed(lambda kernel=kernel, s=s: kernel.launch(q, *packed[s], nk))
+            best[s] = max(best[s], flops / t / 1e12)
+    errors = []
+    for std in (1.0, 3.0):
+        qs, ks, vs = inputs(2048, nk, heads, d, std, gen)
+        exact = sdpa(qs.float(), ks.float(), vs.float())
+        errors.append(" / ".join(f"{rel_l2(kernel.launch(qs, *m8.quantize_kv(ks, vs), nk), exact):.3e}"
+                                 for m8, kernel in sides.values()))
+    print(f"| {name} | {' | '.join(f'{best[s]:.0f}' for s in sides)} | {'; '.join(errors)} |", flush=True)
+
+if __name__ == "__main__":
+    main()
