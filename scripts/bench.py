@@ -111,7 +111,7 @@ def matmul_rate(device: torch.device) -> float:
 
 
 def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, device: torch.device,
-        profile: bool = False) -> dict:
+        profile: bool = False, trace: Path | None = None) -> dict:
     torch._dynamo.reset()  # compiled code of an earlier policy, and the reference cycles between a network
     gc.collect()  # and its compiled methods, would keep that network on the GPU and inflate this peak
     torch.cuda.empty_cache()
@@ -150,6 +150,8 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             once()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=110))
+        if trace:
+            prof.export_chrome_trace(str(trace.with_name(f"{trace.stem}-{policy}-{size}{trace.suffix}")))
     seconds = statistics.median(times)
     return {"policy": policy, "size": size, "batch": batch, "steps": steps, "s_per_image": seconds / batch,
             "images_per_s": batch / seconds, "spread": (max(times) - min(times)) / seconds,
@@ -175,6 +177,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["upstream", "eager", "ours"])
     ap.add_argument("--json", type=Path, help="append one JSON line per result here")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one decode per run")
+    ap.add_argument("--trace", type=Path, help="with --profile: also write each run's Chrome trace, named after this")
     ap.add_argument("--error", action="store_true", help="PSNR / max |Δ| of each policy's image against `ours`")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -190,7 +193,7 @@ def main() -> None:
         flops = model_flops(entry, size, args.batch) * args.steps
         reference = None
         for policy in policies:
-            r = run(entry, policy, size, args.batch, args.steps, args.repeat, device, args.profile)
+            r = run(entry, policy, size, args.batch, args.steps, args.repeat, device, args.profile, args.trace)
             image = r.pop("image")
             r["mfu"] = flops / (r["s_per_image"] * args.batch) / rate
             r["device"] = torch.cuda.get_device_name(device)

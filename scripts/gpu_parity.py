@@ -2,7 +2,8 @@
 bound (1e-5; GPU kernels sum in other orders than the CPU reference, so single elements can
 move more than the CPU max-abs bound), the bf16 policy and the compiled path must stay within
 the stated bf16 bound (relative L2 2e-2). Then the opt-in 8-bit attention kernel and FP8 matmuls against
-their CPU references, and the pixels `pid decode` copies off the GPU.
+their CPU references, the q/k norm + RoPE kernel against the torch ops, and the pixels `pid decode` copies off
+the GPU.
 
     python scripts/gpu_parity.py
 """
@@ -80,6 +81,33 @@ def check_linear8(dev: torch.device) -> float:
     return failed
 
 
+def check_norm_rope(dev: torch.device) -> float:
+    """The q/k RMSNorm + RoPE kernel against the torch ops it replaces, on strided q/k views of a qkv
+    projection: bf16 inputs may differ where the normalised value rounds to the other bf16 neighbour."""
+    from pid_cli.model.layers import RMSNorm, apply_rope, norm_rope, rope_2d
+
+    print("\n| q/k norm + RoPE (tokens, heads, D), input / weight dtype | rel. L2 vs torch ops |")
+    print("|---|---|")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    failed = 0.0
+    for n, heads, d in [(1000, 3, 64), (4096, 16, 72)]:
+        for x_dtype, w_dtype in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                 (torch.float32, torch.float32)]:
+            qkv = torch.randn(2, n, 3 * heads * d, device=dev, generator=gen).to(x_dtype)
+            k = qkv.unflatten(-1, (3, heads, d)).unbind(2)[1]
+            norm = RMSNorm(d).to(dev)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(d, device=dev, generator=gen) + 0.5)
+            norm.to(w_dtype)
+            rope = rope_2d(d, 1, n, None, None, device=dev)
+            with torch.inference_mode():
+                r = rel(norm_rope(norm, k, rope), apply_rope(norm(k), rope).cpu())
+            print(f"| {(n, heads, d)}, {x_dtype} / {w_dtype} | {r:.2e} |", flush=True)
+            if r > (2e-3 if x_dtype == torch.bfloat16 else 1e-6):
+                failed = 1.0
+    return failed
+
+
 def check_host_pixels(dev: torch.device) -> float:
     """The GPU's PNG levels, copied behind the decode into pinned memory, equal the CPU's; NaN items are flagged."""
     images = torch.rand(3, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
@@ -125,7 +153,7 @@ def main() -> int:
                 worst = max(worst, 1.0)
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
-    worst = max(worst, check_attention8(dev), check_linear8(dev), check_host_pixels(dev))
+    worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_host_pixels(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 
