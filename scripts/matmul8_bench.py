@@ -47,8 +47,9 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64  # one graph per shape: the default of 8 would fall back to eager
     fp8_layer = torch.compile(linear8.linear, dynamic=False)
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    print("| shape (M × K → N) | bf16 ms (TFLOP/s) | fp8 layer ms (TFLOP/s) | bare fp8 ms | speed-up | rel. L2 |")
-    print("|---|---|---|---|---|---|")
+    print("| shape (M × K → N) | bf16 ms (TFLOP/s) | fp8 layer ms (TFLOP/s) | bare fp8 ms | speed-up | rel. L2 "
+          "| bare fp8, fast accumulation ms | its rel. L2 | fast vs promoted sums, rel. L2 | mean signed drift |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     total_bf16 = total_fp8 = 0.0
     for name, m, k, n, count in SHAPES:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -60,13 +61,26 @@ def main() -> None:
         t_fp8 = timed(lambda: fp8_layer(x, w8, w_scale, b))  # noqa: B023
         t_bare = timed(lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=b,  # noqa: B023
                                                 out_dtype=torch.bfloat16))
+        t_fast = timed(lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=b,  # noqa: B023
+                                                out_dtype=torch.bfloat16, use_fast_accum=True))
         exact = F.linear(x.float(), w.float(), bias.float())
+        fast = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=b, out_dtype=torch.bfloat16,
+                                use_fast_accum=True)
+        error_fast = ((fast.float() - exact).norm() / exact.norm()).item()
+        # the accumulation alone: same operands, no bias, fp32 out, cuBLAS's promoted sums as the reference (a
+        # drift of the magnitudes shows as a non-zero mean of the signed deviation)
+        slow = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.float32)
+        fast32 = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.float32,
+                                  use_fast_accum=True)
+        accumulation = ((fast32 - slow).norm() / slow.norm()).item()
+        drift = ((fast32 - slow) * slow.sign()).mean().item() / slow.abs().mean().item()
         error = ((fp8_layer(x, w8, w_scale, b).float() - exact).norm() / exact.norm()).item()
         flop = 2 * m * k * n
         total_bf16 += t_bf16 * count
         total_fp8 += t_fp8 * count
         print(f"| {name} ({m} × {k} → {n}) | {t_bf16:.3f} ({flop / t_bf16 / 1e9:.0f}) | "
-              f"{t_fp8:.3f} ({flop / t_fp8 / 1e9:.0f}) | {t_bare:.3f} | {t_bf16 / t_fp8:.2f}× | {error:.1e} |",
+              f"{t_fp8:.3f} ({flop / t_fp8 / 1e9:.0f}) | {t_bare:.3f} | {t_bf16 / t_fp8:.2f}× | {error:.1e} | "
+              f"{t_fast:.3f} | {error_fast:.1e} | {accumulation:.1e} | {drift:+.1e} |",
               flush=True)
     print(f"\nper 2K forward (shape × count): bf16 {total_bf16:.1f} ms, fp8 {total_fp8:.1f} ms "
           f"({total_bf16 / total_fp8:.2f}×); per 4-step decode {4 * (total_bf16 - total_fp8):.0f} ms saved")
