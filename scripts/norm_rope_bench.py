@@ -6,33 +6,21 @@ against `layers.norm_rope`'s Triton kernel, and check they agree.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from matmul8_bench import timed  # ms
 
 from pid_cli.model.layers import RMSNorm, apply_rope, norm_rope, rope_2d
 
 # name: (tokens, heads, head_dim)
 SHAPES = {"2K MMDiT": (16384, 24, 64), "2K PiT": (16384, 16, 72), "4K MMDiT": (65536, 24, 64),
           "4K PiT": (65536, 16, 72)}
-
-
-def timed(fn, repeat: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)  # µs
 
 
 def main() -> None:
@@ -65,7 +53,7 @@ def row(name: str, n: int, heads: int, d: int, dev: torch.device) -> None:
 
     compiled = torch.compile(composed, dynamic=False)
     with torch.inference_mode():
-        t_ops, t_kernel = timed(lambda: compiled(qkv)), timed(lambda: fused(qkv))
+        t_ops, t_kernel = 1e3 * timed(lambda: compiled(qkv)), 1e3 * timed(lambda: fused(qkv))  # µs
         pairs = zip(fused(qkv), composed(qkv), strict=True)
         delta = max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
     traffic = 2 * n * heads * d * (2 + 4)  # q and k: bf16 in, fp32 out
