@@ -108,6 +108,29 @@ def check_norm_rope(dev: torch.device) -> float:
     return failed
 
 
+def check_other_device() -> float:
+    """Our Triton kernels on the second GPU while the first is current (a `pid decode` worker running eager):
+    they must give what they give on the first GPU, launched on the tensors' device and stream."""
+    from pid_cli.model import attention8
+    from pid_cli.model.layers import RMSNorm, norm_rope, rope_2d
+
+    if torch.cuda.device_count() < 2:
+        print("\nkernels on cuda:1 while cuda:0 is current: not checked (one GPU)")
+        return 0.0
+    torch.cuda.set_device(0)
+    q, k, v = (torch.randn(1, 1000, 4, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    norm, rope = RMSNorm(64), rope_2d(64, 1, 1000, None, None)
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        with torch.inference_mode():
+            a = attention8.attention(q.to(dev), k.to(dev), v.to(dev))
+            b = norm_rope(norm.to(dev), k.to(dev), tuple(r.to(dev) for r in rope))
+        results.append((a.cpu(), b.cpu()))
+    same = all(torch.equal(x, y) for x, y in zip(*results, strict=True))
+    print(f"\nkernels on cuda:1 while cuda:0 is current: {'same as on cuda:0' if same else 'MISMATCH'}")
+    return 0.0 if same else 1.0
+
+
 def check_host_pixels(dev: torch.device) -> float:
     """The GPU's PNG levels, copied behind the decode into pinned memory, equal the CPU's; NaN items are flagged."""
     images = torch.rand(3, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
@@ -153,7 +176,8 @@ def main() -> int:
                 worst = max(worst, 1.0)
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
-    worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_host_pixels(dev))
+    worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_other_device(),
+                check_host_pixels(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 

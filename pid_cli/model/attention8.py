@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pid_cli.model.layers import on_device
+
 KEY_BLOCK = 128  # keys per K scale; the kernel's BLOCK_N divides it
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -118,7 +120,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def _attention8_op(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int) -> Tensor:
     from pid_cli.model import attention8_kernel
 
-    return attention8_kernel.launch(q, k8, k_scale, v8, v_scale, n_kv)
+    with on_device(q):
+        return attention8_kernel.launch(q, k8, k_scale, v8, v_scale, n_kv)
 
 
 @_attention8_op.register_kernel("cpu")

@@ -156,6 +156,13 @@ def rope_1d(head_dim: int, length: int, theta: float = 10000.0,
     return torch.cos(angles), torch.sin(angles)
 
 
+def on_device(t: Tensor):
+    """The context our Triton kernels launch in. Triton launches on the current CUDA device and its current
+    stream, not on the device of the tensors passed: a `pid decode` worker for cuda:1 running eager (compiled
+    graphs set the device themselves) would otherwise launch on cuda:0, unordered with cuda:1's work."""
+    return torch.cuda.device(t.device)
+
+
 def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
     """`apply_rope(norm(x), rope)` for the q or k heads x [B, N, heads, head_dim]: one Triton kernel on CUDA
     (`norm_rope_kernel`; torch.compile's own kernel for it runs ~4x below memory bandwidth)."""
@@ -168,7 +175,8 @@ def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> T
 def _norm_rope_op(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
     from pid_cli.model import norm_rope_kernel
 
-    return norm_rope_kernel.launch(x, weight, eps, cos, sin)
+    with on_device(x):
+        return norm_rope_kernel.launch(x, weight, eps, cos, sin)
 
 
 @_norm_rope_op.register_fake
