@@ -156,7 +156,7 @@ def rope_1d(head_dim: int, length: int, theta: float = 10000.0,
     return torch.cos(angles), torch.sin(angles)
 
 
-def on_device(t: Tensor):
+def on_device(t: Tensor) -> torch.cuda.device:
     """The context our Triton kernels launch in. Triton launches on the current CUDA device and its current
     stream, not on the device of the tensors passed: a `pid decode` worker for cuda:1 running eager (compiled
     graphs set the device themselves) would otherwise launch on cuda:0, unordered with cuda:1's work."""
