@@ -46,7 +46,7 @@ def _norm_rope_kernel(X, W, COS, SIN, Out, n_rows, n_tokens, heads, stride_b, st
     tl.store(Out + rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], out, mask=ok)
 
 
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}  # the network's two dtypes
 
 
 def launch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
