@@ -34,34 +34,6 @@ DEFAULT_CONFIG = (64, 128, 4, 3)
 
 
 @triton.jit
-def _exp2_fma(x, DEG: tl.constexpr):
-    """2^x on the FMA pipe: x rounded to an integer j by the magic constant (j lands in the low mantissa bits),
-    a polynomial for 2^(x − j), j added to the exponent bits."""
-    x = tl.maximum(x, -40.0)
-    r = x + MAGIC
-    f = x - (r - MAGIC)  # [-0.5, 0.5]
-    if DEG == 2:
-        q = (0.23842863738536835 * f + 0.7034482955932617) * f + 1.0004432201385498
-    else:
-        q = ((0.055171627551317215 * f + 0.24261116981506348) * f + 0.6932610273361206) * f + 0.9999280571937561
-    bits = q.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_mixed(x, SPLIT: tl.constexpr, DEG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """exp2 of x [BM, BN]: 1/SPLIT of the columns on the FMA pipe, the rest on the special-function unit."""
-    if SPLIT == 0:
-        return tl.math.exp2(x)
-    a, b = tl.split(tl.reshape(x, [BM, BN // 2, 2]))
-    if SPLIT == 2:
-        return tl.reshape(tl.join(tl.math.exp2(a), _exp2_fma(b, DEG)), [BM, BN])
-    b0, b1 = tl.split(tl.reshape(b, [BM, BN // 4, 2]))
-    b = tl.reshape(tl.join(tl.math.exp2(b0), _exp2_fma(b1, DEG)), [BM, BN // 2])
-    return tl.reshape(tl.join(tl.math.exp2(a), b), [BM, BN])
-
-
-@triton.jit
 def _round_int8(x):
     return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # the cast truncates; |x| ≤ 127 by the scale
 
@@ -69,8 +41,7 @@ def _round_int8(x):
 @triton.jit
 def _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base, ks_base, start, n_kv, n_pad,
             D_LO: tl.constexpr, D_HI: tl.constexpr, DV_HI: tl.constexpr, BLOCK_N: tl.constexpr,
-            KEY_BLOCK: tl.constexpr, MASK: tl.constexpr, ONES_SUM: tl.constexpr, SPLIT: tl.constexpr = 0,
-            DEG: tl.constexpr = 3):
+            KEY_BLOCK: tl.constexpr, MASK: tl.constexpr, ONES_SUM: tl.constexpr):
     """One block of BLOCK_N keys into the running softmax state."""
     keys = start + tl.arange(0, BLOCK_N)
     d_qk = D_LO + D_HI
@@ -89,7 +60,7 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base, 
     # the tensor cores, bounds this kernel). The FMA rounds once; rounding `bias` moves a row's logits of one
     # key block alike, by half an ulp of MAGIC·factor (~1e-4 in log2 units at PiD's scales).
     bias = MAGIC * factor + (m_new - LOG2_FP8_MAX)
-    p = _exp2_mixed(s * factor[:, None] - bias[:, None], SPLIT, DEG, s.shape[0], BLOCK_N)  # (0, 448]
+    p = tl.math.exp2(s * factor[:, None] - bias[:, None])  # (0, 448]
     if not ONES_SUM:
         l_i = l_i * alpha + tl.sum(p, 1)
     p8 = p.to(tl.float8e4nv)
@@ -109,7 +80,7 @@ def _attention8_kernel(Q, K8, KS, V8, VS, Out,
                           n_q, n_kv, n_pad, heads, qk_scale,
                           HEAD_DIM: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr, DV_HI: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCK: tl.constexpr,
-                          ONES_SUM: tl.constexpr, SPLIT: tl.constexpr = 0, DEG: tl.constexpr = 3):
+                          ONES_SUM: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
@@ -143,11 +114,11 @@ def _attention8_kernel(Q, K8, KS, V8, VS, Out,
     for start in range(0, n_full, BLOCK_N):
         acc_lo, acc_hi, m_i, l_i = _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base,
                                            ks_base, start, n_kv, n_pad, D_LO, D_HI, DV_HI, BLOCK_N, KEY_BLOCK,
-                                           False, ONES_SUM, SPLIT, DEG)
+                                           False, ONES_SUM)
     for start in range(n_full, n_kv, BLOCK_N):  # the partial last block, if any
         acc_lo, acc_hi, m_i, l_i = _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base,
                                            ks_base, start, n_kv, n_pad, D_LO, D_HI, DV_HI, BLOCK_N, KEY_BLOCK,
-                                           True, ONES_SUM, SPLIT, DEG)
+                                           True, ONES_SUM)
 
     # out = acc · v_scale / l
     cols_hi = D_LO + tl.arange(0, DV_HI)
@@ -168,7 +139,7 @@ def _attention8_kernel(Q, K8, KS, V8, VS, Out,
 
 
 def launch(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int,
-           config: tuple[int, int, int, int] | None = None, split: int = 0, deg: int = 3) -> Tensor:
+           config: tuple[int, int, int, int] | None = None) -> Tensor:
     """q [B, Nq, heads, D] (bf16 or fp32) and `quantize_kv`'s outputs → [B, Nq, heads, D] in q's dtype."""
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -181,5 +152,5 @@ def launch(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, 
         q, k8, k_scale, v8, v_scale, out, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), n_q, n_kv, k8.shape[2], heads, math.log2(math.e) / math.sqrt(d),
         HEAD_DIM=d, D_LO=64, D_HI=d_hi, DV_HI=dv_hi, BLOCK_M=block_m, BLOCK_N=block_n, KEY_BLOCK=KEY_BLOCK,
-        ONES_SUM=d == 64, SPLIT=split, DEG=deg, num_warps=warps, num_stages=stages)
+        ONES_SUM=d == 64, num_warps=warps, num_stages=stages)
     return out
