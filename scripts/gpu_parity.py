@@ -83,7 +83,8 @@ def check_linear8(dev: torch.device) -> float:
 
 def check_norm_rope(dev: torch.device) -> float:
     """The q/k RMSNorm + RoPE kernel against the torch ops it replaces, on strided q/k views of a qkv
-    projection: bf16 inputs may differ where the normalised value rounds to the other bf16 neighbour."""
+    projection, stored in the input's dtype as the network asks (V's): bf16 inputs may differ where the
+    normalised value rounds to the other bf16 neighbour."""
     from pid_cli.model.layers import RMSNorm, apply_rope, norm_rope, rope_2d
 
     print("\n| q/k norm + RoPE (tokens, heads, D), input / weight dtype | rel. L2 vs torch ops |")
@@ -101,7 +102,7 @@ def check_norm_rope(dev: torch.device) -> float:
             norm.to(w_dtype)
             rope = rope_2d(d, 1, n, None, None, device=dev)
             with torch.inference_mode():
-                r = rel(norm_rope(norm, k, rope), apply_rope(norm(k), rope).cpu())
+                r = rel(norm_rope(norm, k, rope, x_dtype), apply_rope(norm(k), rope).to(x_dtype).cpu())
             print(f"| {(n, heads, d)}, {x_dtype} / {w_dtype} | {r:.2e} |", flush=True)
             if r > (2e-3 if x_dtype == torch.bfloat16 else 1e-6):
                 failed = 1.0
@@ -124,7 +125,7 @@ def check_other_device() -> float:
     for dev in ("cuda:0", "cuda:1"):
         with torch.inference_mode():
             a = attention8.attention(q.to(dev), k.to(dev), v.to(dev))
-            b = norm_rope(norm.to(dev), k.to(dev), tuple(r.to(dev) for r in rope))
+            b = norm_rope(norm.to(dev), k.to(dev), tuple(r.to(dev) for r in rope), k.dtype)
         results.append((a.cpu(), b.cpu()))
     same = all(torch.equal(x, y) for x, y in zip(*results, strict=True))
     print(f"\nkernels on cuda:1 while cuda:0 is current: {'same as on cuda:0' if same else 'MISMATCH'}")

@@ -45,18 +45,18 @@ def row(name: str, n: int, heads: int, d: int, dev: torch.device) -> None:
 
     def composed(qkv):
         q, k, _ = qkv.unflatten(-1, (3, heads, d)).unbind(2)
-        return apply_rope(q_norm(q), rope), apply_rope(k_norm(k), rope)
+        return apply_rope(q_norm(q), rope).to(qkv.dtype), apply_rope(k_norm(k), rope).to(qkv.dtype)
 
     def fused(qkv):
         q, k, _ = qkv.unflatten(-1, (3, heads, d)).unbind(2)
-        return norm_rope(q_norm, q, rope), norm_rope(k_norm, k, rope)
+        return norm_rope(q_norm, q, rope, qkv.dtype), norm_rope(k_norm, k, rope, qkv.dtype)
 
     compiled = torch.compile(composed, dynamic=False)
     with torch.inference_mode():
         t_ops, t_kernel = 1e3 * timed(lambda: compiled(qkv)), 1e3 * timed(lambda: fused(qkv))  # µs
         pairs = zip(fused(qkv), composed(qkv), strict=True)
-        delta = max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
-    traffic = 2 * n * heads * d * (2 + 4)  # q and k: bf16 in, fp32 out
+        delta = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in pairs)
+    traffic = 2 * n * heads * d * (2 + 2)  # q and k: bf16 in, bf16 out (the dtype attention takes)
     print(f"| {name} ({n}, {heads}, {d}) | {t_ops:.1f} | {t_kernel:.1f} | {t_ops / t_kernel:.2f}× | "
           f"{traffic / t_kernel / 1e3:.0f} | {delta:.1e} |", flush=True)
 

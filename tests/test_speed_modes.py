@@ -282,15 +282,18 @@ def test_8bit_mode_runs_every_attention_of_the_network_through_the_quantised_pat
 def test_norm_rope_op_traces_to_what_the_torch_ops_return():
     """`layers.norm_rope` sends CUDA q/k through one custom op (a Triton kernel, checked against the torch ops
     by scripts/gpu_parity.py); torch.compile traces that op through its fake implementation (the meta kernel
-    here), which must give the torch ops' shape and dtype (fp32 after RoPE) for strided views of a bf16 qkv
-    projection. Elsewhere norm_rope is the torch ops themselves."""
+    here), which must give the torch ops' shape and the dtype attention asks for (fp32 in the fp32 network,
+    bf16 in the bf16 one) for strided views of a bf16 qkv projection. Elsewhere norm_rope is the torch ops
+    themselves, rounded once to that dtype."""
     from pid_cli.model.layers import RMSNorm, apply_rope, norm_rope, rope_2d
 
     norm, rope = RMSNorm(72), rope_2d(72, 3, 4, None, None)
     qkv = torch.randn(2, 12, 3 * 5 * 72).bfloat16()
     k = qkv.unflatten(-1, (3, 5, 72)).unbind(2)[1]
-    expected = apply_rope(norm(k), rope)
-    assert torch.equal(norm_rope(norm, k, rope), expected)
-    out = torch.ops.pid.norm_rope(k.to("meta"), norm.weight.to("meta"), norm.eps, *(r.to("meta") for r in rope))
-    assert out.shape == expected.shape == (2, 12, 5, 72)
-    assert out.dtype == expected.dtype == torch.float32
+    rotated = apply_rope(norm(k), rope)
+    assert rotated.dtype == torch.float32
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(norm_rope(norm, k, rope, dtype), rotated.to(dtype))
+        out = torch.ops.pid.norm_rope(k.to("meta"), norm.weight.to("meta"), norm.eps, *(r.to("meta") for r in rope),
+                                      dtype)
+        assert out.shape == (2, 12, 5, 72) and out.dtype == dtype

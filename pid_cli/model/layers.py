@@ -163,25 +163,26 @@ def on_device(t: Tensor) -> torch.cuda.device:
     return torch.cuda.device(t.device)
 
 
-def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-    """`apply_rope(norm(x), rope)` for the q or k heads x [B, N, heads, head_dim]: one Triton kernel on CUDA
-    (`norm_rope_kernel`; torch.compile's own kernel for it runs ~4x below memory bandwidth)."""
+def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None, out_dtype: torch.dtype) -> Tensor:
+    """`apply_rope(norm(x), rope)` for the q or k heads x [B, N, heads, head_dim], rounded to out_dtype, the
+    dtype attention takes them in (V's): one Triton kernel on CUDA (`norm_rope_kernel`; torch.compile's own
+    kernel for it runs ~4x below memory bandwidth), which writes q and k once at that width."""
     if x.is_cuda and rope is not None:
-        return torch.ops.pid.norm_rope(x, norm.weight, norm.eps, *rope)
-    return apply_rope(norm(x), rope)
+        return torch.ops.pid.norm_rope(x, norm.weight, norm.eps, *rope, out_dtype)
+    return apply_rope(norm(x), rope).to(out_dtype)
 
 
 @torch.library.custom_op("pid::norm_rope", mutates_args=(), device_types="cuda")
-def _norm_rope_op(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+def _norm_rope_op(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> Tensor:
     from pid_cli.model import norm_rope_kernel
 
     with on_device(x):
-        return norm_rope_kernel.launch(x, weight, eps, cos, sin)
+        return norm_rope_kernel.launch(x, weight, eps, cos, sin, out_dtype)
 
 
 @_norm_rope_op.register_fake
-def _(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
-    return x.new_empty(x.shape, dtype=torch.float32)
+def _(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:

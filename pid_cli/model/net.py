@@ -64,7 +64,7 @@ class JointAttention(nn.Module):
 
     def _qkv(self, proj: Linear, q_norm: RMSNorm, k_norm: RMSNorm, x: Tensor, rope: Rope):
         q, k, v = proj(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, N, heads, head_dim]
-        return norm_rope(q_norm, q, rope), norm_rope(k_norm, k, rope), v
+        return norm_rope(q_norm, q, rope, v.dtype), norm_rope(k_norm, k, rope, v.dtype), v
 
     def forward(self, x: Tensor, y: Tensor, rope_x: Rope, rope_y: Rope, text_out: bool) -> tuple[Tensor, Tensor | None]:
         qx, kx, vx = self._qkv(self.qkv_x, self.q_norm_x, self.k_norm_x, x, rope_x)
@@ -120,7 +120,7 @@ class PixelAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
-        q, k = norm_rope(self.q_norm, q, rope), norm_rope(self.k_norm, k, rope)
+        q, k = norm_rope(self.q_norm, q, rope, v.dtype), norm_rope(self.k_norm, k, rope, v.dtype)
         return self.proj(attention(q, k, v, self.attention_mode))
 
 

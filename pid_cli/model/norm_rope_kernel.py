@@ -5,7 +5,9 @@ program, ~4x slower than memory bandwidth (H200, 2K: 239 µs per MMDiT block, 3.
 program normalises and rotates BLOCK_ROWS rows, reading each value once and writing it once.
 
 The arithmetic is `apply_rope(RMSNorm(x))`'s, in its order: statistics in fp32, the normalised value rounded
-to x's dtype, times the weight (rounded to the product's dtype), rotated in fp32.
+to x's dtype, times the weight (rounded to the product's dtype), rotated in fp32; the result is stored in the
+dtype attention takes (bf16 in the bf16 network: half the bytes of the fp32 rotation, and attention's own
+cast of it is then a no-op).
 """
 
 from __future__ import annotations
@@ -43,19 +45,19 @@ def _norm_rope_kernel(X, W, COS, SIN, Out, n_rows, n_tokens, heads, stride_b, st
     cos = tl.load(COS + table, mask=pair_ok, other=0.0)
     sin = tl.load(SIN + table, mask=pair_ok, other=0.0)
     out = tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), [BLOCK_ROWS, 2 * HALF])
-    tl.store(Out + rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], out, mask=ok)
+    tl.store(Out + rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :], out.to(Out.dtype.element_ty), mask=ok)
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}  # the network's two dtypes
 
 
-def launch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+def launch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> Tensor:
     """x [B, N, heads, head_dim] (its last dim contiguous), weight [head_dim], cos/sin [N, head_dim/2] fp32
-    → [B, N, heads, head_dim] fp32."""
+    → [B, N, heads, head_dim] in out_dtype (fp32 or bf16)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, n, heads, d = x.shape
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     n_rows = b * n * heads
     product = torch.promote_types(x.dtype, weight.dtype)
     _norm_rope_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
