@@ -81,7 +81,7 @@ def speed(name: str, shape: tuple[int, int, int, int], quantize, gen: torch.Gene
           f"{t_bf16 / t_total:.2f}x |", flush=True)
     rows = []
     candidates = [(64, 128, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-                  (64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 3)]
+                  (64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 3), (256, 128, 8, 3), (256, 64, 8, 3)]
     for config in candidates if sweep else []:
         try:
             t = timed(lambda c=config: attention8_kernel.launch(q, *packed, nk, config=c), 5)
