@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -297,3 +298,38 @@ def test_norm_rope_op_traces_to_what_the_torch_ops_return():
         out = torch.ops.pid.norm_rope(k.to("meta"), norm.weight.to("meta"), norm.eps, *(r.to("meta") for r in rope),
                                       dtype)
         assert out.shape == (2, 12, 5, 72) and out.dtype == dtype
+
+
+def test_compiled_blocks_hold_rows_up_to_4096_wide_in_registers_and_only_while_they_run(monkeypatch):
+    """model/inductor.py: Inductor reads a row reduction wider than 1024 values twice; the network's (RMSNorm over
+    1536 channels, FP8 scales over 1536 and 4096) are held in registers instead, under a choices handler that is
+    installed only while a compiled block runs, so other compiled code in the process keeps Inductor's defaults.
+    Every other decision is Inductor's own."""
+    import sympy
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from pid_cli.model import inductor
+
+    def features(width, hint=ReductionHint.INNER):
+        return types.SimpleNamespace(reduction_numel=sympy.Integer(width), get_reduction_hint=lambda: hint)
+
+    deferred = []
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
+                        staticmethod(lambda f, coop: deferred.append(int(f.reduction_numel)) or False))
+    choices = inductor.WideRowChoices()
+    assert choices.should_use_persistent_reduction(features(1536), False)
+    assert choices.should_use_persistent_reduction(features(4096), False)
+    assert not choices.should_use_persistent_reduction(features(8192), False)
+    assert not choices.should_use_persistent_reduction(features(2048, ReductionHint.OUTER), False)
+    assert deferred == [8192, 2048]  # Inductor decides those
+
+    def block(x):
+        return type(V.choices), x + 1
+
+    default = type(V.choices)
+    assert default is not inductor.WideRowChoices
+    seen, y = inductor.with_wide_rows(block)(1)
+    assert seen is inductor.WideRowChoices and y == 2
+    assert type(V.choices) is default

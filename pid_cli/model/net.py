@@ -6,6 +6,7 @@ released `model_ema_bf16.pth` files load without conversion. Spec: PID_SPEC.md Â
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pid_cli.model import linear8
+from pid_cli.model import inductor, linear8
 from pid_cli.model.layers import (
     GeluMLP,
     Linear,
@@ -288,23 +289,22 @@ class PiDNet(nn.Module):
         """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the
         chunked PiT halves and their attention, the gates, the pixel embedding and the final layer); the loops
         between them stay eager. Shapes are static, so a new output size compiles once and every
-        later image of that size reuses it."""
+        later image of that size reuses it. Row reductions up to 4096 wide are read once (model/inductor.py)."""
         options = {"dynamic": False, **options}
         # one entry per (device, output size, last-block flag): the default limit of 8 would
         # silently fall back to eager on a 4-GPU host decoding two sizes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 1024)
+        compiled = functools.partial(inductor.compile, **options)
         for block in self.patch_blocks:
-            block.forward = torch.compile(block.forward, **options)
+            block.forward = compiled(block.forward)
         for block in self.pixel_blocks:
-            block.pre = torch.compile(block.pre, **options)
-            block.attend = torch.compile(block.attend, **options)
-            block.post = torch.compile(block.post, **options)
+            block.pre, block.attend, block.post = compiled(block.pre), compiled(block.attend), compiled(block.post)
         for gate in [*self.lq_proj.gate_modules, *([self.pit_lq_gate] if self.pit_lq_gate else [])]:
-            gate.forward = torch.compile(gate.forward, **options)
-        self._embed_pixels = torch.compile(self._embed_pixels, **options)
-        self.final_layer.forward = torch.compile(self.final_layer.forward, **options)
+            gate.forward = compiled(gate.forward)
+        self._embed_pixels = compiled(self._embed_pixels)
+        self.final_layer.forward = compiled(self.final_layer.forward)
         return self
 
     def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:

@@ -1,0 +1,62 @@
+"""How torch.compile builds the network's kernels: row reductions up to 4096 values wide held in registers.
+
+Why: Inductor keeps a row in registers (a "persistent" reduction) only up to 1024 values; a wider row is read
+twice, once for its statistic and once to apply it. The network's row reductions are all wider: RMSNorm over
+1536 channels and, with `--matmul fp8`, the per-token FP8 scales over 1536 and 4096 values, most of its glue.
+Read once, a 2K decode with both 8-bit modes is 2% faster (H200, BENCHMARKS.md), one without them unchanged.
+Inductor has no setting for the limit; its extension point is a choices handler, installed here only while our
+compiled functions run (Inductor compiles in the calling thread) and only for that thread, so other compiled
+code in the process keeps Inductor's defaults. A torch without that hook compiles with the defaults. Inductor's
+graph cache does not see the handler: kernels an older pid cached (`<pid cache>/inductor`) stay in use until
+that cache is cleared.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+PERSISTENT_ROW_LIMIT = 4096
+
+try:
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+except ImportError:  # a torch whose Inductor lacks the hook: its defaults
+    InductorChoices = None
+
+
+if InductorChoices is not None:
+    class WideRowChoices(InductorChoices):
+        """Inductor's choices, except that a row reduction (`INNER`) of a static width up to
+        PERSISTENT_ROW_LIMIT stays in registers."""
+
+        @staticmethod
+        def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+            width = features.reduction_numel
+            if (features.get_reduction_hint() == ReductionHint.INNER and getattr(width, "is_number", False)
+                    and int(width) <= PERSISTENT_ROW_LIMIT):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+
+def with_wide_rows(compiled: Callable) -> Callable:
+    """`compiled` (a torch.compile'd function), compiling and running under WideRowChoices."""
+    if InductorChoices is None or not hasattr(V, "set_choices_handler"):
+        return compiled
+    choices = WideRowChoices()
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        with V.set_choices_handler(choices):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
+def compile(fn: Callable, **options) -> Callable:
+    """torch.compile(fn, **options), its reductions of rows up to PERSISTENT_ROW_LIMIT wide held in registers."""
+    return with_wide_rows(torch.compile(fn, **options))
