@@ -4,7 +4,8 @@ weights, side by side with upstream's execution policy, on one GPU.
     python scripts/bench.py --entry flux2-2kto4k-v1.5 --sizes 2048 4096 --batch 1
     python scripts/bench.py --sizes 2048 --batch 4 --policies ours          # throughput
 
-Policies (every result has its reference in the same run):
+Policies (every result has its reference in the same run; each policy and size runs in a fresh process of its
+own, since compile state left by one policy slowed another's: see `isolated`):
   upstream  fp32 weights under bf16 autocast, eager, PyTorch's default SDPA choice, the latent
             branch recomputed every step, no chunking (what upstream's demos run)
   eager     ours without torch.compile: bf16 weights, cuDNN attention first, latent branch once
@@ -29,7 +30,9 @@ import gc
 import json
 import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,6 +170,21 @@ def compare(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
     return (10 * math.log10(255**2 / mse) if mse else math.inf), diff.abs().max().item()
 
 
+def isolated(args: argparse.Namespace, policy: str, size: int) -> dict:
+    """One policy at one size in a fresh Python process: `run`'s result, its image included. A process shares
+    compile state between policies: run after `ours`, upstream's whole-network compile took 0.564-0.586 s per 2K
+    image in three runs, and 0.473 s run first (H100, BENCHMARKS.md), so no two policies share one any more."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.pt"
+        command = [sys.executable, __file__, "--entry", args.entry, "--sizes", str(size), "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--repeat", str(args.repeat), "--policies", policy,
+                   "--result", str(result)]
+        if args.profile:
+            command += ["--profile"] + (["--trace", str(args.trace)] if args.trace else [])
+        subprocess.run(command, check=True)
+        return torch.load(result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entry", default="flux2-2kto4k-v1.5")
@@ -179,12 +197,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one decode per run")
     ap.add_argument("--trace", type=Path, help="with --profile: also write each run's Chrome trace, named after this")
     ap.add_argument("--error", action="store_true", help="PSNR / max |Δ| of each policy's image against `ours`")
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # the process of one policy: where its result goes
     args = ap.parse_args()
     device = torch.device("cuda")
     entry = load_registry().get(args.entry)
+    if args.result:
+        (size,), (policy,) = args.sizes, args.policies
+        torch.save(run(entry, policy, size, args.batch, args.steps, args.repeat, device, args.profile, args.trace),
+                   args.result)
+        return
     rate = matmul_rate(device)
+    torch.cuda.empty_cache()  # the children need the card, not this process's matmul operands
     print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {entry.id}, "
-          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s, each policy in its own process", flush=True)
     print("| policy | size | batch | s/image | images/s | peak GiB | MFU | first call s | spread |"
           + (" PSNR vs ours dB | max Δ levels |" if args.error else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.error else ""))
@@ -193,7 +218,7 @@ def main() -> None:
         flops = model_flops(entry, size, args.batch) * args.steps
         reference = None
         for policy in policies:
-            r = run(entry, policy, size, args.batch, args.steps, args.repeat, device, args.profile, args.trace)
+            r = isolated(args, policy, size)
             image = r.pop("image")
             r["mfu"] = flops / (r["s_per_image"] * args.batch) / rate
             r["device"] = torch.cuda.get_device_name(device)
