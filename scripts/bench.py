@@ -182,7 +182,7 @@ def isolated(args: argparse.Namespace, policy: str, size: int) -> dict:
         if args.profile:
             command += ["--profile"] + (["--trace", str(args.trace)] if args.trace else [])
         subprocess.run(command, check=True)
-        return torch.load(result)
+        return torch.load(result, weights_only=True)
 
 
 def main() -> None:
