@@ -3,7 +3,7 @@
 Why: Inductor keeps a row in registers (a "persistent" reduction) only up to 1024 values; a wider row is read
 twice, once for its statistic and once to apply it. The network's row reductions are all wider: RMSNorm over
 1536 channels and, with `--matmul fp8`, the per-token FP8 scales over 1536 and 4096 values, most of its glue.
-Read once, a 2K decode with both 8-bit modes is 2% faster (H200, BENCHMARKS.md), one without them unchanged.
+Read once, a 2K decode with both 8-bit modes is 1.5% faster (H100, BENCHMARKS.md), one without them unchanged.
 Inductor has no setting for the limit; its extension point is a choices handler, installed here only while our
 compiled functions run (Inductor compiles in the calling thread) and only for that thread, so other compiled
 code in the process keeps Inductor's defaults. A torch without that hook compiles with the defaults. Inductor's
