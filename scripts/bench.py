@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import statistics
@@ -115,9 +114,7 @@ def matmul_rate(device: torch.device) -> float:
 
 def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, device: torch.device,
         profile: bool = False, trace: Path | None = None) -> dict:
-    torch._dynamo.reset()  # compiled code of an earlier policy, and the reference cycles between a network
-    gc.collect()  # and its compiled methods, would keep that network on the GPU and inflate this peak
-    torch.cuda.empty_cache()
+    """One policy at one size; `main` calls it in a process of its own (see `isolated`)."""
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     net = build(entry, policy, device)

@@ -60,5 +60,6 @@ def row(name: str, n: int, heads: int, d: int, dev: torch.device) -> None:
     print(f"| {name} ({n}, {heads}, {d}) | {t_ops:.1f} | {t_kernel:.1f} | {t_ops / t_kernel:.2f}× | "
           f"{traffic / t_kernel / 1e3:.0f} | {delta:.1e} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -37,13 +37,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
 from pid_cli.model.attention8 import KEY_BLOCK  # noqa: E402
+from pid_cli.model.attention8_kernel import LOG2_FP8_MAX, MAGIC, MAGIC_BITS  # noqa: E402
 
 HEAD_DIM = 64
 V_ROWS = 80  # quantize_kv's rows of V per (batch, head) at head dim 64: 64 channels, ones, zero padding
 BLOCK_N = 128  # keys per block: one K scale
-MAGIC_BITS: gl.constexpr = gl.constexpr(0x4B400000)  # see attention8_kernel.MAGIC_BITS
-MAGIC: gl.constexpr = gl.constexpr(12582912.0)
-LOG2_FP8_MAX: gl.constexpr = gl.constexpr(math.log2(448.0))
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 
 
