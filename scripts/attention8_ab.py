@@ -4,6 +4,8 @@ attention. Card-to-card spread is larger than the kernel changes measured here, 
 
     python scripts/attention8_ab.py 4b464d2          # the kernel before the fused logit FMA
     python scripts/attention8_ab.py c53003b          # the kernel before the ones-channel denominator
+    python scripts/attention8_ab.py .base            # a folder holding another checkout's pid_cli (where the
+                                                     # working tree travels without its git history)
 
 Each side quantises K and V with its own revision's `quantize_kv` (their layouts may differ).
 """
@@ -29,11 +31,14 @@ from pid_cli.model import attention8, attention8_kernel  # noqa: E402
 
 
 def load_revision(rev: str, folder: Path):
-    """The revision's attention8 and attention8_kernel modules, loaded under private names."""
+    """The revision's (or the folder's) attention8 and attention8_kernel modules, loaded under private names."""
     modules = []
     for name in ("attention8", "attention8_kernel"):
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:pid_cli/model/{name}.py"],
-                                capture_output=True, text=True, check=True).stdout
+        if Path(rev).is_dir():
+            source = (Path(rev) / f"pid_cli/model/{name}.py").read_text()
+        else:
+            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:pid_cli/model/{name}.py"],
+                                    capture_output=True, text=True, check=True).stdout
         source = source.replace("from pid_cli.model.attention8 import", "from ab_attention8 import")
         path = folder / f"ab_{name}.py"
         path.write_text(source)
@@ -47,7 +52,7 @@ def load_revision(rev: str, folder: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("rev", help="the git revision whose kernel is side A")
+    ap.add_argument("rev", help="the git revision (or a folder holding pid_cli/) whose kernel is side A")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -64,6 +64,7 @@ def test_quantize_kv_layout_padding_and_scales():
     gen = torch.Generator().manual_seed(2)
     k, v = torch.randn(1, 300, 2, 72, generator=gen), torch.randn(1, 300, 2, 72, generator=gen) * 5
     k8, k_scale, v8, v_scale = attention8.quantize_kv(k, v)
+    v8 = attention8.mma_key_order(v8.float(), inverse=True).to(v8.dtype)  # keys in their natural order
     assert k8.dtype == torch.int8 and tuple(k8.shape) == (1, 2, 384, 96)  # 300 keys → 3 blocks of 128; 72 → 64 + 32
     assert v8.dtype == torch.float8_e4m3fn and tuple(v8.shape) == (1, 2, 80, 384)  # transposed; 72 + ones → 64 + 16
     assert tuple(k_scale.shape) == (1, 2, 3) and tuple(v_scale.shape) == (1, 2, 72)
@@ -78,6 +79,25 @@ def test_quantize_kv_layout_padding_and_scales():
     subnormal_step = v_scale[:, :, None, :] * 2**-9  # e4m3's spacing below its smallest normal, 2^-6
     error = (values - v.transpose(1, 2)).abs()
     assert (error <= v.transpose(1, 2).abs() / 16 + subnormal_step).all()  # 3-bit mantissa, round to nearest
+
+
+def test_mma_key_order_keeps_every_p_value_in_the_thread_that_computed_it():
+    # Hopper's layouts per row and group of 32 keys (PTX ISA, wgmma): the fp32 accumulator of Q·K gives the thread
+    # of lane % 4 == c the keys 8j + 2c + b; the FP8 A operand of P·V takes from it keys 16h + 4c + e, in
+    # registers of 4 consecutive keys. The relabelling must map the first set onto the second, and each
+    # accumulator pair (b = 0, 1) onto neighbours within one register.
+    relabelled = attention8.mma_key_order(torch.arange(64)).tolist()  # position k holds the key moved there
+    position = {key: k for k, key in enumerate(relabelled)}
+    for group in (0, 32):
+        for c in range(4):
+            computed = [group + 8 * j + 2 * c + b for j in range(4) for b in range(2)]
+            wanted = {group + 16 * h + 4 * c + e for h in range(2) for e in range(4)}
+            assert {position[key] for key in computed} == wanted
+            for pair in zip(computed[::2], computed[1::2], strict=True):
+                assert position[pair[1]] == position[pair[0]] + 1 and position[pair[0]] % 2 == 0
+    keys = torch.randn(2, 3, 128)
+    assert torch.equal(attention8.mma_key_order(attention8.mma_key_order(keys), inverse=True), keys)
+    assert not torch.equal(attention8.mma_key_order(keys), keys)
 
 
 def test_head_dim_split():

@@ -13,7 +13,8 @@ FP8's 4-bit mantissa; probabilities span decades, which only a float format keep
   K  the per-head mean over all keys removed first (adding q·mean to a whole row of logits leaves
      softmax unchanged, and it shrinks what 8 bits must hold), then one scale per block of 128 keys.
   V  one FP8 scale per channel over all keys; stored transposed, [.., head_dim, keys], as Hopper's
-     8-bit MMA wants its second operand, with one more channel of ones after the last (see P).
+     8-bit MMA wants its second operand, with one more channel of ones after the last (see P), and its keys
+     in the order in which the kernel hands P to the P·V product (see `mma_key_order`).
   P  the softmax numerator exp2(s - max) ∈ (0, 1] times 448, e4m3's full range. The softmax denominator is
      the sum of the FP8 numerators, the weights that multiply V. At head dim 64 the ones channel of V makes
      the P·V product compute it: one adder less per logit, where per-logit work bounds the kernel (+7-8%
@@ -60,6 +61,20 @@ def split_widths(head_dim: int) -> tuple[int, int]:
     return (max(32, pow2(rest)) if rest else 0), max(16, pow2(rest + 1))
 
 
+def mma_key_order(x: Tensor, inverse: bool = False) -> Tensor:
+    """Reorder the last axis (keys, a multiple of 32) the way the kernel feeds P to Hopper's FP8 MMA.
+
+    Why: the Q·K product leaves each thread, per row and group of 32 keys, the logits of keys 8j + 2c + b
+    (c = lane % 4; j < 4, b < 2), while the P·V product wants from that thread P of keys 16h + 4c + e (h < 2,
+    e < 4). Moving those values between threads cost ~100 shuffle and select instructions per block of 128
+    logits, a tenth of a loop bound by instruction issue. A sum over keys does not care about their order, so
+    the kernel instead relabels key 16·j1 + 8·j0 + 4·c1 + 2·c0 + b as 16·j1 + 8·c1 + 4·c0 + 2·j0 + b, which
+    keeps every value in the thread that computed it, and V's keys are stored relabelled alike."""
+    groups = x.unflatten(-1, (-1, 2, 2, 2, 2, 2))  # [..., N/32, j1, j0, c1, c0, b]
+    groups = groups.movedim(-2, -4) if inverse else groups.movedim(-4, -2)  # ↔ [..., N/32, j1, c1, c0, j0, b]
+    return groups.flatten(-6)
+
+
 def _round_int8(x: Tensor) -> Tensor:
     return torch.round(x).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
 
@@ -67,7 +82,8 @@ def _round_int8(x: Tensor) -> Tensor:
 def quantize_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """k, v [B, N, heads, D] → k8 [B, heads, Np, Dqk] int8, k_scale [B, heads, Np/128] fp32,
     v8 [B, heads, Dv, Np] float8_e4m3fn (transposed), v_scale [B, heads, D] fp32; Np is N rounded up
-    to 128; padding rows and channels are zero, except channel D of v8: ones."""
+    to 128; padding rows and channels are zero, except channel D of v8: ones. v8's keys are in
+    `mma_key_order`."""
     n, d = k.shape[1], k.shape[3]
     qk_rest, v_rest = split_widths(d)
     n_pad = -(-n // KEY_BLOCK) * KEY_BLOCK
@@ -81,8 +97,8 @@ def quantize_kv(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     v_scale = v.abs().amax(1).clamp_min(1e-20) / FP8_MAX  # [B, heads, D]
     v = (v / v_scale[:, None]).permute(0, 2, 3, 1)  # [B, heads, D, N]
     v = torch.cat([v, torch.ones_like(v[:, :, :1])], 2)  # [B, heads, D + 1, N]: the denominator's channel
-    v8 = F.pad(v, (0, n_pad - n, 0, 64 + v_rest - d - 1)).to(torch.float8_e4m3fn)  # [B, heads, Dv, Np]
-    return k8, k_scale, v8.contiguous(), v_scale
+    v = F.pad(v, (0, n_pad - n, 0, 64 + v_rest - d - 1))  # [B, heads, Dv, Np]
+    return k8, k_scale, mma_key_order(v).to(torch.float8_e4m3fn).contiguous(), v_scale
 
 
 def attend_quantized(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, n_kv: int) -> Tensor:
@@ -97,7 +113,7 @@ def attend_quantized(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale
     logits = (q8 @ keys.transpose(-1, -2)) * q_scale * (math.log2(math.e) / math.sqrt(d))  # log2 units
     p = torch.exp2(logits - logits.amax(-1, keepdim=True)) * FP8_MAX
     p8 = p.to(torch.float8_e4m3fn).float()
-    values = v8.float()[:, :, :d + 1, :n_kv].transpose(-1, -2)  # [B, heads, N, D + 1], still scaled per channel
+    values = mma_key_order(v8.float(), inverse=True)[:, :, :d + 1, :n_kv].transpose(-1, -2)  # [B, heads, N, D + 1]
     weighted = p8 @ values  # [B, heads, Nq, D + 1]: the last channel sums the weights (V's ones)
     out = weighted[..., :d] / weighted[..., d:] * v_scale[:, :, None, :]
     return out.transpose(1, 2).to(q.dtype)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pid_cli.model.attention8 import KEY_BLOCK, split_widths
+from pid_cli.model.attention8 import KEY_BLOCK, split_widths  # see attention8.mma_key_order for P's key order
 
 INT8_MAX: tl.constexpr = tl.constexpr(127.0)
 LOG2_FP8_MAX: tl.constexpr = tl.constexpr(math.log2(448.0))
@@ -36,6 +36,13 @@ DEFAULT_CONFIG = (64, 128, 4, 3)
 @triton.jit
 def _round_int8(x):
     return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # the cast truncates; |x| ≤ 127 by the scale
+
+
+@triton.jit
+def _mma_key_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`attention8.mma_key_order` on P's keys: a relabelling only, every value stays in its thread's registers."""
+    p = tl.reshape(p, [BLOCK_M, BLOCK_N // 32, 2, 2, 2, 2, 2])  # [rows, groups of 32 keys, j1, j0, c1, c0, b]
+    return tl.reshape(tl.permute(p, [0, 1, 2, 4, 5, 3, 6]), [BLOCK_M, BLOCK_N])  # [.., j1, c1, c0, j0, b]
 
 
 @triton.jit
@@ -63,7 +70,7 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q8_lo, q8_hi, row_factor, k_base, v_base, 
     p = tl.math.exp2(s * factor[:, None] - bias[:, None])  # (0, 448]
     if not ONES_SUM:
         l_i = l_i * alpha + tl.sum(p, 1)
-    p8 = p.to(tl.float8e4nv)
+    p8 = _mma_key_order(p.to(tl.float8e4nv), p.shape[0], BLOCK_N)  # V's keys are stored in this order
     v = tl.load(v_base + tl.arange(0, D_LO)[None, :] * n_pad + keys[:, None])  # [BLOCK_N, D_LO]
     acc_lo = tl.dot(p8, v, acc_lo * alpha[:, None])
     v_hi = tl.load(v_base + (D_LO + tl.arange(0, DV_HI))[None, :] * n_pad + keys[:, None])  # [BLOCK_N, DV_HI]

@@ -223,6 +223,15 @@ def launch(q: Tensor, k8: Tensor, k_scale: Tensor, v8: Tensor, v_scale: Tensor, 
     return out
 
 
+def natural_key_order(packed: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """`quantize_kv`'s outputs with V's keys back in their natural order: this kernel's P keeps the order of the
+    Q·K product, unlike the Triton kernel's (attention8.mma_key_order)."""
+    from pid_cli.model import attention8
+
+    k8, k_scale, v8, v_scale = packed
+    return k8, k_scale, attention8.mma_key_order(v8.float(), inverse=True).to(v8.dtype).contiguous(), v_scale
+
+
 def main() -> None:
     from attention8_bench import SHAPES, inputs, timed
 
@@ -240,7 +249,7 @@ def main() -> None:
         packed = attention8.quantize_kv(k, v)
         exact = torch.nn.functional.scaled_dot_product_attention(
             *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        ours, triton_out = launch(q, *packed), attention8_kernel.launch(q, *packed, nk)
+        ours, triton_out = launch(q, *natural_key_order(packed)), attention8_kernel.launch(q, *packed, nk)
         print(f"| {(b, nq, nk, heads)} | {rel(ours, triton_out):.1e} | "
               f"{rel(ours, attention8.attend_quantized(q, *packed, nk)):.2e} | "
               f"{rel(ours, exact):.3e} ({rel(triton_out, exact):.3e}) |")
@@ -251,9 +260,10 @@ def main() -> None:
             continue
         q, k, v = inputs(nq, nk, heads, d, 2.0, gen)
         packed = attention8.quantize_kv(k, v)
+        natural = natural_key_order(packed)
         flop = 4 * nq * nk * d * heads
         base = flop / timed(lambda q=q, p=packed, n=nk: attention8_kernel.launch(q, *p, n)) / 1e12
-        ws = [flop / timed(lambda q=q, p=packed, s=s: launch(q, *p, s)) / 1e12 for s in (2, 3, 4)]
+        ws = [flop / timed(lambda q=q, p=natural, s=s: launch(q, *p, s)) / 1e12 for s in (2, 3, 4)]
         print(f"| {name} | {base:.0f} | {' / '.join(f'{t:.0f}' for t in ws)} |")
 
 

@@ -46,7 +46,7 @@ def fp8_qk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     q_scale = q32.abs().amax(-1, keepdim=True).clamp_min(1e-20) / attention8.FP8_MAX
     logits = ((q32 / q_scale).to(FP8).float() * q_scale) @ keys.transpose(-1, -2) * (math.log2(math.e) / math.sqrt(d))
     p8 = (torch.exp2(logits - logits.amax(-1, keepdim=True)) * attention8.FP8_MAX).to(FP8).float()
-    weighted = p8 @ v8.float()[:, :, :d + 1, :n_kv].transpose(-1, -2)
+    weighted = p8 @ attention8.mma_key_order(v8.float(), inverse=True)[:, :, :d + 1, :n_kv].transpose(-1, -2)
     return (weighted[..., :d] / weighted[..., d:] * v_scale[:, :, None, :]).transpose(1, 2)
 
 
