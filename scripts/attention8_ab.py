@@ -53,6 +53,8 @@ def load_revision(rev: str, folder: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rev", help="the git revision (or a folder holding pid_cli/) whose kernel is side A")
+    ap.add_argument("--logit-std", type=float, default=1.0,
+                    help="spread of the logits the speed is timed on (a kernel's work may depend on the data)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,13 +65,13 @@ def main() -> None:
         print(f"| shape | {' | '.join(f'{s} TFLOP/s' for s in sides)} | rel L2 vs fp32, logit std 1 / 3 |")
         print("|---|---|---|---|")
         for name, shape in SHAPES.items():
-            compare(name, shape, sides, gen)
+            compare(name, shape, sides, gen, args.logit_std)
             torch.cuda.empty_cache()
 
 
-def compare(name: str, shape: tuple[int, int, int, int], sides: dict, gen: torch.Generator) -> None:
+def compare(name: str, shape: tuple[int, int, int, int], sides: dict, gen: torch.Generator, logit_std: float) -> None:
     nq, nk, heads, d = shape
-    q, k, v = inputs(nq, nk, heads, d, 1.0, gen)
+    q, k, v = inputs(nq, nk, heads, d, logit_std, gen)
     packed = {s: m8.quantize_kv(k, v) for s, (m8, _) in sides.items()}
     flops = 4 * nq * nk * d * heads
     best = dict.fromkeys(sides, 0.0)
