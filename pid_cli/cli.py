@@ -326,7 +326,7 @@ def decode(
                                            "decode is 1.20x faster (2K: 1.13x) at a small, measured error "
                                            "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
     matmul: Annotated[str, typer.Option("--matmul", help="bf16 or fp8: the image-token matmuls in FP8 on "
-                                        "Hopper/Ada GPUs; on an H100 a 2K decode is 1.3x faster (4K: 1.32x) "
+                                        "Hopper/Ada GPUs; on an H100 a 2K decode is 1.3x faster (4K: 1.39x) "
                                         "together with --attention 8bit, at a small, measured error "
                                         "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
     compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
