@@ -3,6 +3,7 @@ weights, side by side with upstream's execution policy, on one GPU.
 
     python scripts/bench.py --entry flux2-2kto4k-v1.5 --sizes 2048 4096 --batch 1
     python scripts/bench.py --sizes 2048 --batch 4 --policies ours          # throughput
+    python scripts/bench.py --sizes 2048 --policies ours8fp8 --baseline     # and upstream's policy beside it
 
 Policies (every result has its reference in the same run; each policy and size runs in a fresh process of its
 own, since compile state left by one policy slowed another's: see `isolated`):
@@ -190,12 +191,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--policies", nargs="+", default=["upstream", "eager", "ours"])
+    ap.add_argument("--baseline", action="store_true",
+                    help="also run `upstream` (upstream's execution policy on this network) as the reference")
     ap.add_argument("--json", type=Path, help="append one JSON line per result here")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one decode per run")
     ap.add_argument("--trace", type=Path, help="with --profile: also write each run's Chrome trace, named after this")
     ap.add_argument("--error", action="store_true", help="PSNR / max |Δ| of each policy's image against `ours`")
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # the process of one policy: where its result goes
     args = ap.parse_args()
+    if args.baseline and "upstream" not in args.policies:
+        args.policies = ["upstream", *args.policies]
     device = torch.device("cuda")
     entry = load_registry().get(args.entry)
     if args.result:
