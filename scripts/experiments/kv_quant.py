@@ -58,13 +58,18 @@ def _load_keys(a, b, stride_a, stride_b, n_a, n, keys, chans, chan_ok):
 
 
 @triton.jit
+def _heads(KA, KB, VA, VB, ka_b, ka_h, kb_b, kb_h, va_b, va_h, vb_b, vb_h, bh, heads):
+    """Where (batch, head) bh starts in the text and image parts of K and V."""
+    b, h = (bh // heads).to(tl.int64), bh % heads
+    return KA + b * ka_b + h * ka_h, KB + b * kb_b + h * kb_h, VA + b * va_b + h * va_h, VB + b * vb_b + h * vb_h
+
+
+@triton.jit
 def _stats_kernel(KA, KB, VA, VB, KSUM, VMAX, ka_b, ka_n, ka_h, kb_b, kb_n, kb_h, va_b, va_n, va_h, vb_b, vb_n,
                   vb_h, heads, n_a, n, n_chunks,
                   HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
     chunk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // heads).to(tl.int64), bh % heads
-    ka, kb = KA + b * ka_b + h * ka_h, KB + b * kb_b + h * kb_h  # this head's text and image keys
-    va, vb = VA + b * va_b + h * va_h, VB + b * vb_b + h * vb_h
+    ka, kb, va, vb = _heads(KA, KB, VA, VB, ka_b, ka_h, kb_b, kb_h, va_b, va_h, vb_b, vb_h, bh, heads)
     chans = tl.arange(0, D_POW2)
     chan_ok = chans < HEAD_DIM
     k_sum = tl.zeros([D_POW2], tl.float32)
@@ -86,9 +91,7 @@ def _quantize_kernel(KA, KB, VA, VB, KSUM, VMAX, K8, KSCALE, V8, VSCALE, ka_b, k
                      HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                      KEY_BLOCK: tl.constexpr, ROWS: tl.constexpr):
     block, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // heads).to(tl.int64), bh % heads
-    ka, kb = KA + b * ka_b + h * ka_h, KB + b * kb_b + h * kb_h  # this head's text and image keys
-    va, vb = VA + b * va_b + h * va_h, VB + b * vb_b + h * vb_h
+    ka, kb, va, vb = _heads(KA, KB, VA, VB, ka_b, ka_h, kb_b, kb_h, va_b, va_h, vb_b, vb_h, bh, heads)
     chans = tl.arange(0, D_POW2)
     chan_ok = chans < HEAD_DIM
 
