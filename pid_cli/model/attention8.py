@@ -3,8 +3,8 @@
 Why it exists: at 4096² attention is ~80% of a decode (1.65e15 FLOP per image) and cuDNN's bf16
 kernel already runs at its ceiling (~430 TFLOP/s on an H100). Hopper's 8-bit tensor cores have twice
 the bf16 rate, and PyTorch's SDPA refuses 8-bit inputs, so the kernel is ours (Triton). At PiD's head
-dims the softmax's per-element work (exp2, conversions), not the tensor cores, bounds it: 556 TFLOP/s
-(MMDiT) and 464 (PiT) at 4K on an H100, 1.26-1.33x cuDNN.
+dims the softmax's per-element work (exp2, conversions), not the tensor cores, bounds it: 593-597 TFLOP/s
+(MMDiT) and 459-465 (PiT) at 4K on an H100, 1.3-1.4x cuDNN (BENCHMARKS.md).
 
 Q·K runs in INT8 and P·V in FP8 (e4m3), the split SageAttention made popular: logits are sums of
 many products whose operands have a bounded range, where INT8's uniform 8 bits lose ~4x less than
