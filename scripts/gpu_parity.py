@@ -2,8 +2,8 @@
 bound (1e-5; GPU kernels sum in other orders than the CPU reference, so single elements can
 move more than the CPU max-abs bound), the bf16 policy and the compiled path must stay within
 the stated bf16 bound (relative L2 2e-2). Then the opt-in 8-bit attention kernel and FP8 matmuls against
-their CPU references, the q/k norm + RoPE kernel against the torch ops, and the pixels `pid decode` copies off
-the GPU.
+their CPU references, the q/k norm + RoPE and PiT per-pixel kernels against the torch ops, and the pixels
+`pid decode` copies off the GPU.
 
     python scripts/gpu_parity.py
 """
@@ -109,6 +109,37 @@ def check_norm_rope(dev: torch.device) -> float:
     return failed
 
 
+def check_pixel_mlp(dev: torch.device) -> float:
+    """A PiT block's per-pixel tail (`PiTBlock.post` after its projections): the fused kernel against the torch
+    ops of `PiTBlock.residuals` in the bf16 network, at PiD's pixel width (16) and two others it takes."""
+    from pid_cli.model.net import PiTBlock
+
+    print("\n| PiT per-pixel tail (pixels, C) | rel. L2 vs torch ops | max abs |")
+    print("|---|---|---|")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    failed = 0.0
+    for tokens, c in [(2048, 16), (333, 32), (77, 64)]:
+        block = PiTBlock(c, 64, 16, 64, 4).to(dev)
+        with torch.no_grad():
+            for name, param in block.named_parameters():
+                param.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name or "bias" in name else 0.25,
+                              generator=gen)
+        block.mlp.bfloat16()
+        xp = torch.randn(tokens, 256, c, device=dev, generator=gen)
+        modulation = (torch.randn(tokens, 256, 4 * c, device=dev, generator=gen) * 0.5).bfloat16()
+        branch = torch.randn(tokens, 256, c, device=dev, generator=gen).bfloat16()
+        with torch.inference_mode():
+            expected = block.residuals(xp, modulation, branch)
+            mlp = block.mlp
+            torch.ops.pid.pixel_mlp_(xp, modulation, branch, block.norm2.weight, block.norm2.eps, mlp.fc1.weight,
+                                     mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        r, worst = rel(xp, expected.cpu()), (xp - expected).abs().max().item()
+        print(f"| {tokens * 256}, {c} | {r:.2e} | {worst:.2e} |", flush=True)
+        if r > 1e-3:
+            failed = 1.0
+    return failed
+
+
 def check_other_device() -> float:
     """Our Triton kernels on the second GPU while the first is current (a `pid decode` worker running eager):
     they must give what they give on the first GPU, launched on the tensors' device and stream."""
@@ -177,7 +208,8 @@ def main() -> int:
                 worst = max(worst, 1.0)
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
-    worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_other_device(),
+    worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_pixel_mlp(dev),
+                check_other_device(),
                 check_host_pixels(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)

@@ -5,6 +5,7 @@ compilation."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import types
@@ -353,3 +354,60 @@ def test_compiled_blocks_hold_rows_up_to_4096_wide_in_registers_and_only_while_t
     seen, y = inductor.with_wide_rows(block)(1)
     assert seen is inductor.WideRowChoices and y == 2
     assert type(V.choices) is default
+
+
+@pytest.mark.parametrize("n_in, n_out", [(3, 16), (16, 3)])
+def test_narrow_linear_is_the_linear_it_replaces(n_in, n_out):
+    """`layers.narrow_linear` (the 3-channel pixel embedding and output layer written elementwise, so the compiler
+    can fuse them) returns what the Linear returns: the same fp32 values up to summation order, and in a bf16
+    network the same bf16 values except where that order moves a sum across a rounding boundary."""
+    from pid_cli.model.layers import Linear, narrow_linear
+
+    gen = torch.Generator().manual_seed(0)
+    linear = Linear(n_in, n_out)
+    x = torch.randn(4, 300, n_in, generator=gen)
+    assert torch.allclose(narrow_linear(linear, x), linear(x), rtol=1e-6, atol=1e-6)
+    linear.bfloat16()
+    ours, theirs = narrow_linear(linear, x), linear(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and ours.shape == (4, 300, n_out)
+    ulp = theirs.float().abs().clamp_min(2**-60) * 2**-7
+    assert ((ours.float() - theirs.float()).abs() <= ulp).all()
+    assert (ours == theirs).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_per_token_is_the_projection_of_the_concatenation(dtype):
+    """A one-gate-per-token `SigmaGate` (v1.5) computes content_proj([s, f]) as two dot products per token, so the
+    compiled gate reads s and f once; it must equal the projection of the concatenation (to summation order in
+    fp32, to a bf16 step in the bf16 network). A gate per channel (v1) still projects the concatenation."""
+    from pid_cli.model.lq import SigmaGate
+
+    gen = torch.Generator().manual_seed(0)
+    s, f = torch.randn(2, 50, 32, generator=gen), torch.randn(2, 50, 32, generator=gen).to(dtype)
+    sigma = torch.tensor([0.0, 0.3])
+    for per_dim in (False, True):
+        gate = SigmaGate(32, per_dim).to(dtype)
+        gate.log_alpha.data = torch.tensor(0.5)
+        projected = gate.content_proj(torch.cat([s, f], -1))
+        logit = gate.content_logit(s, f)
+        assert logit.shape == projected.shape and logit.dtype == projected.dtype == dtype
+        if per_dim or dtype == torch.float32:
+            assert torch.allclose(logit.float(), projected.float(), rtol=1e-5, atol=1e-6)
+        else:
+            assert ((logit.float() - projected.float()).abs() <= projected.float().abs() * 2**-7 + 1e-6).all()
+        expected = s + torch.sigmoid(projected - math.exp(0.5) * sigma[:, None, None]) * f
+        assert torch.allclose(gate(s, f, sigma), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                              atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_pixel_mlp_op_is_opaque_to_the_compiler():
+    """A PiT block's per-pixel tail runs as one custom op on CUDA (a Triton kernel, held to the torch ops of
+    `PiTBlock.residuals` by scripts/gpu_parity.py); torch.compile sees it through its fake implementation, which
+    must accept the network's shapes and return nothing (the op writes the pixel stream in place)."""
+    def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    xp = meta(5, 256, 16, dtype=torch.float32)
+    out = torch.ops.pid.pixel_mlp_(xp, meta(5, 256, 64), meta(5, 256, 16), meta(16, dtype=torch.float32), 1e-6,
+                                   meta(64, 16), meta(64), meta(16, 64), meta(16))
+    assert out is None
