@@ -22,9 +22,11 @@ from pathlib import Path
 
 if "--cpu" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # read when triton is imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: attention8_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from attention8_bench import timed
 from torch import Tensor
 
 from pid_cli.model import pixel_mlp_kernel as K
@@ -98,20 +100,6 @@ def cpu_check() -> None:
         print(f"C=24 refused: {e}")
 
 
-def median_us(fn, runs: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -124,8 +112,8 @@ def main() -> None:
         check(65536 + 37, c_other, "cuda", gen)
 
     xp = args[0].clone()  # both paths overwrite it run after run; the values drift, the work does not change
-    torch_us = median_us(lambda: xp.copy_(compiled(xp, *args[1:])))
-    kernel_us = median_us(lambda: K.launch(xp, *args[1:]))
+    torch_us = 1e6 * timed(lambda: xp.copy_(compiled(xp, *args[1:])))
+    kernel_us = 1e6 * timed(lambda: K.launch(xp, *args[1:]))
     moved = m * c * (4 + 4 + 4 * 2 + 2)  # bytes: xp read and written, modulation and expanded read
     print("\n| path | µs | GB/s |\n|---|---:|---:|")
     for name, us in (("torch.compile(reference), copy_ into xp", torch_us), ("pixel_mlp_kernel.launch", kernel_us)):
@@ -139,7 +127,7 @@ def main() -> None:
             for cfg in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)):
                 K.CONFIGS[c] = cfg
                 try:
-                    us = median_us(lambda a=args_c: K.launch(*a))
+                    us = 1e6 * timed(lambda a=args_c: K.launch(*a))
                 except Exception as e:  # out of resources
                     print(f"| {c} | {cfg[0]} | {cfg[1]} | {type(e).__name__} | |")
                     continue
