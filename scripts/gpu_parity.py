@@ -141,8 +141,9 @@ def check_pixel_mlp(dev: torch.device) -> float:
 
 
 def check_other_device() -> float:
-    """Our Triton kernels on the second GPU while the first is current (a `pid decode` worker running eager):
-    they must give what they give on the first GPU, launched on the tensors' device and stream."""
+    """Our Triton kernels (attention, q/k norm + RoPE, PiT per-pixel tail) on the second GPU while the first is
+    current (a `pid decode` worker running eager): they must give what they give on the first GPU, launched on the
+    tensors' device and stream."""
     from pid_cli.model import attention8
     from pid_cli.model.layers import RMSNorm, norm_rope, rope_2d
 
@@ -152,12 +153,18 @@ def check_other_device() -> float:
     torch.cuda.set_device(0)
     q, k, v = (torch.randn(1, 1000, 4, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
     norm, rope = RMSNorm(64), rope_2d(64, 1, 1000, None, None)
+    xp = torch.randn(40, 256, 16, generator=torch.Generator().manual_seed(3))
+    pixel_args = [torch.randn(*shape, generator=torch.Generator().manual_seed(i)).bfloat16()
+                  for i, shape in enumerate([(40, 256, 64), (40, 256, 16), (64, 16), (64,), (16, 64), (16,)])]
+    pixel_args[2:2] = [torch.ones(16), 1e-6]  # norm weight, eps
     results = []
     for dev in ("cuda:0", "cuda:1"):
         with torch.inference_mode():
             a = attention8.attention(q.to(dev), k.to(dev), v.to(dev))
             b = norm_rope(norm.to(dev), k.to(dev), tuple(r.to(dev) for r in rope), k.dtype)
-        results.append((a.cpu(), b.cpu()))
+            c = xp.to(dev)
+            torch.ops.pid.pixel_mlp_(c, *(t.to(dev) if isinstance(t, torch.Tensor) else t for t in pixel_args))
+        results.append((a.cpu(), b.cpu(), c.cpu()))
     same = all(torch.equal(x, y) for x, y in zip(*results, strict=True))
     print(f"\nkernels on cuda:1 while cuda:0 is current: {'same as on cuda:0' if same else 'MISMATCH'}")
     return 0.0 if same else 1.0
