@@ -411,3 +411,19 @@ def test_pixel_mlp_op_is_opaque_to_the_compiler():
     out = torch.ops.pid.pixel_mlp_(xp, meta(5, 256, 64), meta(5, 256, 16), meta(16, dtype=torch.float32), 1e-6,
                                    meta(64, 16), meta(64), meta(16, 64), meta(16))
     assert out is None
+
+
+@pytest.mark.parametrize("n_text, n_image, d", [(5, 300, 64), (0, 333, 72), (7, 250, 96)])
+def test_quantize_kv_op_reads_the_parts_as_their_concatenation(n_text, n_image, d):
+    """`--attention 8bit` quantises K and V through one custom op that takes their text and image parts (on CUDA
+    Triton kernels that never concatenate them, held to the torch ops by scripts/kv_quant_bench.py): on the CPU
+    it is `quantize_kv` of the concatenation, and its fake implementation, which torch.compile traces, gives the
+    same shapes and dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, n_text + n_image, 3, d, generator=gen).bfloat16() for _ in range(2))
+    parts = (k[:, :n_text], k[:, n_text:], v[:, :n_text], v[:, n_text:])
+    packed = torch.ops.pid.quantize_kv8(*parts)
+    for got, expected in zip(packed, attention8.quantize_kv(k, v), strict=True):
+        assert torch.equal(got.float(), expected.float())
+    fake = torch.ops.pid.quantize_kv8(*(t.to("meta") for t in parts))
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in packed]

@@ -26,6 +26,9 @@ Head dims 64 (MMDiT) and 72 (PiT) are what PiD has. Triton blocks are powers of 
 above 64 is split into a 64-wide part and a zero-padded remainder (32 wide for Q·K, whose 8-bit MMA
 needs K ≥ 32); V's channels plus the ones channel are split alike (64 + 16 for both head dims).
 
+On a GPU `quantize_kv`'s arithmetic runs as Triton kernels (`kv_quant_kernel`) that read the text and image
+parts of K and V where the projections left them, without concatenating them.
+
 `reference_attention` computes the same quantised arithmetic with plain torch ops on any device; the
 tests hold it against exact attention on the CPU, and `scripts/gpu_parity.py` holds the kernel against
 both on a GPU.
@@ -125,11 +128,38 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attend_quantized(q.to(v.dtype), *quantize_kv(k, v), k.shape[1])
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """8-bit attention on a CUDA GPU. q [B, Nq, heads, D], k, v [B, N, heads, D] → [B, Nq, heads, D]
-    in v's dtype."""
-    k8, k_scale, v8, v_scale = quantize_kv(k, v)
-    return torch.ops.pid.attention8(q.to(v.dtype), k8, k_scale, v8, v_scale, k.shape[1])
+def attention(q: Tensor, k: Tensor | tuple[Tensor, Tensor], v: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """8-bit attention on a CUDA GPU. q [B, Nq, heads, D], k, v [B, N, heads, D] or their text and image parts
+    (the keys are their concatenation, which the quantisation reads without making) → [B, Nq, heads, D] in v's
+    dtype."""
+    k_parts, v_parts = ((t[:, :0], t) if isinstance(t, Tensor) else t for t in (k, v))
+    packed = torch.ops.pid.quantize_kv8(*k_parts, *v_parts)
+    return torch.ops.pid.attention8(q.to(v_parts[1].dtype), *packed, k_parts[0].shape[1] + k_parts[1].shape[1])
+
+
+@torch.library.custom_op("pid::quantize_kv8", mutates_args=())
+def _quantize_kv8_op(k_text: Tensor, k_image: Tensor, v_text: Tensor,
+                     v_image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pid_cli.model import kv_quant_kernel
+
+    with on_device(k_image):
+        return kv_quant_kernel.launch(k_text, k_image, v_text, v_image)
+
+
+@_quantize_kv8_op.register_kernel("cpu")
+def _(k_text: Tensor, k_image: Tensor, v_text: Tensor, v_image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return quantize_kv(torch.cat([k_text, k_image], 1), torch.cat([v_text, v_image], 1))
+
+
+@_quantize_kv8_op.register_fake
+def _(k_text: Tensor, k_image: Tensor, v_text: Tensor, v_image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, n_text, heads, d = k_text.shape
+    n_pad = -(-(n_text + k_image.shape[1]) // KEY_BLOCK) * KEY_BLOCK
+    qk_rest, v_rest = split_widths(d)
+    return (k_image.new_empty(b, heads, n_pad, 64 + qk_rest, dtype=torch.int8),
+            k_image.new_empty(b, heads, n_pad // KEY_BLOCK, dtype=torch.float32),
+            k_image.new_empty(b, heads, 64 + v_rest, n_pad, dtype=torch.float8_e4m3fn),
+            k_image.new_empty(b, heads, d, dtype=torch.float32))
 
 
 @torch.library.custom_op("pid::attention8", mutates_args=())

@@ -227,13 +227,16 @@ def fast_attention():
 ATTENTION_MODES = ("bf16", "8bit")  # "bf16": SDPA in the dtype of v (fp32 in an fp32 network)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "bf16") -> Tensor:
-    """Attention over [B, N, heads, head_dim] inputs; returns [B, N, heads·head_dim]. "8bit" is the
-    opt-in INT8/FP8 kernel of `attention8` (CUDA, head dims 64..96)."""
+def attention(q: Tensor, k: Tensor | tuple[Tensor, Tensor], v: Tensor | tuple[Tensor, Tensor],
+              mode: str = "bf16") -> Tensor:
+    """Attention over [B, N, heads, head_dim] inputs, keys and values whole or as (text, image) parts along the
+    tokens; returns [B, N, heads·head_dim]. "8bit" is the opt-in INT8/FP8 kernel of `attention8` (CUDA, head dims
+    64..96), which reads the parts where they are."""
     if mode == "8bit":
         from pid_cli.model import attention8
 
         return attention8.attention(q, k, v).flatten(2)
+    k, v = (torch.cat(t, 1) if isinstance(t, tuple) else t for t in (k, v))
     q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, head_dim]
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)

@@ -74,9 +74,9 @@ class JointAttention(nn.Module):
         qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_y)
         n_txt = y.shape[1]
         if not text_out:  # only image queries are needed; text keys/values still are
-            out = attention(qx, torch.cat([ky, kx], 1), torch.cat([vy, vx], 1), self.attention_mode)
+            out = attention(qx, (ky, kx), (vy, vx), self.attention_mode)
             return self.proj_x(out), None
-        out = attention(torch.cat([qy, qx], 1), torch.cat([ky, kx], 1), torch.cat([vy, vx], 1), self.attention_mode)
+        out = attention(torch.cat([qy, qx], 1), (ky, kx), (vy, vx), self.attention_mode)
         return self.proj_x(out[:, n_txt:]), self.proj_y(out[:, :n_txt])
 
 
