@@ -215,20 +215,29 @@ def _quantize_kernel(KA, KB, VA, VB, WS, K8, KSCALE, V8, VSCALE, ka_b, ka_n, kb_
         _quantize_v(va, vb, VRCP, V8, VSCALE, va_n, vb_n, n_a, n, n_pad, bh, block, HEAD_DIM, V_REST, KEY_BLOCK)
 
 
+def takes(ka: Tensor, kb: Tensor, va: Tensor, vb: Tensor) -> bool:
+    """Whether `launch` takes these parts: head dims attention8 supports, each part [B, N_i, heads, D] with
+    strides (.., .., D, 1), and row offsets within a batch element that fit the kernels' 32 bits."""
+    d, heads = ka.shape[3], ka.shape[2]
+    if not attention8.supported(d) or any(t.stride()[2:] != (d, 1) or t.shape[2:] != (heads, d)
+                                          for t in (ka, kb, va, vb)):
+        return False
+    n_pad = -(-(ka.shape[1] + kb.shape[1]) // KEY_BLOCK) * KEY_BLOCK
+    return (n_pad + CHUNK) * max(t.stride(1) for t in (ka, kb, va, vb)) < 2**31
+
+
 def launch(ka: Tensor, kb: Tensor, va: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`attention8.quantize_kv(cat([ka, kb], 1), cat([va, vb], 1))` without the concatenation: the text and image
-    parts [B, N_i, heads, D] of K and V (N_i may be 0), each with strides (.., .., D, 1): views into the
-    projections' outputs are fine."""
+    parts [B, N_i, heads, D] of K and V (N_i may be 0) that `takes` accepts (views into the projections' outputs
+    are fine)."""
+    if not takes(ka, kb, va, vb):
+        raise ValueError(f"kv_quant_kernel: K/V parts of shapes {[tuple(t.shape) for t in (ka, kb, va, vb)]} and "
+                         f"strides {[t.stride() for t in (ka, kb, va, vb)]}: expected [B, N, heads, D] with head "
+                         f"stride D, D in {attention8.MIN_HEAD_DIM}..{attention8.MAX_HEAD_DIM}, offsets < 2^31")
     batch, n_a, heads, d = ka.shape
     n = n_a + kb.shape[1]
     strides = [st for t in (ka, kb, va, vb) for st in t.stride()[:2]]  # batch, token strides of each
     n_pad = -(-n // KEY_BLOCK) * KEY_BLOCK
-    if not attention8.supported(d) or any(t.stride()[2:] != (d, 1) or t.shape[2:] != (heads, d)
-                                          for t in (ka, kb, va, vb)):
-        raise ValueError(f"kv_quant_kernel: K/V parts must be [B, N, heads, {d}] with head stride {d}, "
-                         f"head dim {attention8.MIN_HEAD_DIM}..{attention8.MAX_HEAD_DIM}")
-    if (n_pad + CHUNK) * max(strides[1::2]) >= 2**31:  # row offsets within a batch element are 32-bit
-        raise ValueError(f"kv_quant_kernel: {n} keys of token stride {max(strides[1::2])} overflow 32-bit offsets")
     qk_rest, v_rest = split_widths(d)
     rest = triton.next_power_of_2(d - 64) if d > 64 else 0  # channels ≥ 64 that hold data
     n_chunks = triton.cdiv(n, CHUNK)
