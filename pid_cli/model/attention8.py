@@ -143,13 +143,14 @@ def _quantize_kv8_op(k_text: Tensor, k_image: Tensor, v_text: Tensor,
     from pid_cli.model import kv_quant_kernel
 
     if not kv_quant_kernel.takes(k_text, k_image, v_text, v_image):  # strides the network never makes
-        return quantize_kv(torch.cat([k_text, k_image], 1), torch.cat([v_text, v_image], 1))
+        return _quantize_parts(k_text, k_image, v_text, v_image)
     with on_device(k_image):
         return kv_quant_kernel.launch(k_text, k_image, v_text, v_image)
 
 
 @_quantize_kv8_op.register_kernel("cpu")
-def _(k_text: Tensor, k_image: Tensor, v_text: Tensor, v_image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _quantize_parts(k_text: Tensor, k_image: Tensor, v_text: Tensor,
+                    v_image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return quantize_kv(torch.cat([k_text, k_image], 1), torch.cat([v_text, v_image], 1))
 
 

@@ -5,7 +5,7 @@ Why: torch.compile's kernels for the same ops took ~250 µs per 2K MMDiT attenti
 times and V twice, and the transposed FP8 store of V ran at about a third of the card's bandwidth. These read the
 text and image parts where the projections left them (no concatenation), K and V twice each, and write K8 and V8
 once with 16-byte stores: 94 µs against 205 for Inductor's kernels at that shape, both replayed from CUDA graphs
-(H200; `scripts/experiments/kv_quant.py` measures them side by side).
+(H200; `scripts/kv_quant_bench.py` measures them side by side).
   stats     one program per (256 keys, batch·head): partial sums of K and partial max |V| per channel.
   reduce    one program per batch·head: the key mean (the sum, then / N, as torch's mean) and V's channel scales.
   quantise  program (2·block, bh) quantises a block of 128 keys of K: centred, one scale from its max |k|, INT8
