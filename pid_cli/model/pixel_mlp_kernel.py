@@ -91,22 +91,34 @@ def reference(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Ten
     return x + gm * v
 
 
+def refusal(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Tensor, w1: Tensor, b1: Tensor,
+            w2: Tensor, b2: Tensor) -> str | None:
+    """Why `launch` would not take these tensors, or None: a pixel width C outside CONFIGS, dtypes other than xp
+    and norm_weight fp32 and the rest bf16, a non-contiguous xp (written in place), or shapes not xp's."""
+    c = xp.shape[-1]
+    if c not in CONFIGS:
+        return f"unsupported pixel_dim {c} (supported: {sorted(CONFIGS)})"
+    bf16 = (modulation, expanded, w1, b1, w2, b2)
+    if xp.dtype != torch.float32 or norm_weight.dtype != torch.float32 or any(t.dtype != torch.bfloat16 for t in bf16):
+        return "wants xp and norm_weight fp32, everything else bf16"
+    if not xp.is_contiguous():
+        return "xp must be contiguous (it is written in place)"
+    n_pixels = xp.numel() // c
+    if modulation.numel() != 4 * c * n_pixels or expanded.numel() != c * n_pixels or w1.shape != (4 * c, c):
+        return "shapes do not match xp's"
+    return None
+
+
 def launch(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Tensor, eps: float,
            w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
     """xp [..., C] fp32 (contiguous), modulation [..., 4C] and expanded [..., C] bf16, norm_weight [C] fp32,
-    w1 [4C, C], b1 [4C], w2 [C, 4C], b2 [C] bf16: writes `reference`'s result into xp. ValueError for a C
-    outside CONFIGS or other dtypes (the caller then takes the torch path)."""
+    w1 [4C, C], b1 [4C], w2 [C, 4C], b2 [C] bf16: writes `reference`'s result into xp. ValueError with the
+    `refusal` otherwise (the caller then takes the torch path)."""
+    reason = refusal(xp, modulation, expanded, norm_weight, w1, b1, w2, b2)
+    if reason is not None:
+        raise ValueError(f"pixel_mlp_kernel: {reason}")
     c = xp.shape[-1]
-    if c not in CONFIGS:
-        raise ValueError(f"pixel_mlp_kernel: unsupported pixel_dim {c} (supported: {sorted(CONFIGS)})")
-    bf16 = (modulation, expanded, w1, b1, w2, b2)
-    if xp.dtype != torch.float32 or norm_weight.dtype != torch.float32 or any(t.dtype != torch.bfloat16 for t in bf16):
-        raise ValueError("pixel_mlp_kernel: wants xp and norm_weight fp32, everything else bf16")
-    if not xp.is_contiguous():
-        raise ValueError("pixel_mlp_kernel: xp must be contiguous (it is written in place)")
     n_pixels = xp.numel() // c
-    if modulation.numel() != 4 * c * n_pixels or expanded.numel() != c * n_pixels or w1.shape != (4 * c, c):
-        raise ValueError("pixel_mlp_kernel: shapes do not match xp's")
     block_m, warps = CONFIGS[c]
     _pixel_mlp_kernel[(triton.cdiv(n_pixels, block_m),)](
         xp, modulation.contiguous(), expanded.contiguous(), norm_weight.contiguous(), w1.contiguous(),
