@@ -174,6 +174,8 @@ class Decoder:
         if self.compiled:
             persist_compile_caches()
             self.net.compile_blocks()  # one compilation per output size, reused for every later image
+        if self.device.type == "cuda":
+            self.net.use_cuda_graphs()  # each sampler step one launch, from the first decode's second step on
         self._warm_shapes: set[tuple[int, ...]] = set()
 
     @classmethod

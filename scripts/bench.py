@@ -11,7 +11,8 @@ own, since compile state left by one policy slowed another's: see `isolated`):
             branch recomputed every step, no chunking (what upstream's demos run)
   eager     ours without torch.compile: bf16 weights, cuDNN attention first, latent branch once
             per decode, chunked per-pixel work
-  ours      eager + torch.compile of the blocks (what `pid decode` runs on a GPU)
+  ours      eager + torch.compile of the blocks, sampler steps replayed from a CUDA graph (what `pid decode`
+            runs on a GPU)
   ours8     ours with `--attention 8bit` (INT8 Q·K, FP8 P·V kernel)
   oursfp8   ours with `--matmul fp8` (FP8 image-token matmuls)
   ours8fp8  ours with both
@@ -80,7 +81,7 @@ def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
     if policy in ("oursfp8", "ours8fp8"):
         net.use_fp8_matmuls()
     if policy != "eager":
-        net.compile_blocks()
+        net.compile_blocks().use_cuda_graphs()
     return net
 
 
@@ -158,6 +159,7 @@ def run(entry, policy: str, size: int, batch: int, steps: int, repeat: int, devi
             "images_per_s": batch / seconds, "spread": (max(times) - min(times)) / seconds,
             "first_call_s": first, "ready_s": ready,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
             "image": ((outs[-1].float().clamp(-1, 1) + 1) * 127.5).round().cpu()}
 
 
@@ -212,9 +214,9 @@ def main() -> None:
     torch.cuda.empty_cache()  # the children need the card, not this process's matmul operands
     print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}, {entry.id}, "
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s, each policy in its own process", flush=True)
-    print("| policy | size | batch | s/image | images/s | peak GiB | MFU | first call s | spread |"
+    print("| policy | size | batch | s/image | images/s | peak GiB | reserved GiB | MFU | first call s | spread |"
           + (" PSNR vs ours dB | max Δ levels |" if args.error else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.error else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.error else ""))
     policies = (["ours"] + [p for p in args.policies if p != "ours"]) if args.error else args.policies
     for size in args.sizes:
         flops = model_flops(entry, size, args.batch) * args.steps
@@ -225,7 +227,8 @@ def main() -> None:
             r["mfu"] = flops / (r["s_per_image"] * args.batch) / rate
             r["device"] = torch.cuda.get_device_name(device)
             line = (f"| {policy} | {size} | {args.batch} | {r['s_per_image']:.3f} | {r['images_per_s']:.2f} | "
-                    f"{r['peak_gib']:.1f} | {r['mfu']:.0%} | {r['first_call_s']:.1f} | {r['spread']:.1%} |")
+                    f"{r['peak_gib']:.1f} | {r['reserved_gib']:.1f} | {r['mfu']:.0%} | {r['first_call_s']:.1f} | "
+                    f"{r['spread']:.1%} |")
             if args.error:
                 reference = image if reference is None else reference
                 r["psnr_db"], r["max_diff"] = compare(image, reference)

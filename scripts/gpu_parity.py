@@ -2,8 +2,8 @@
 bound (1e-5; GPU kernels sum in other orders than the CPU reference, so single elements can
 move more than the CPU max-abs bound), the bf16 policy and the compiled path must stay within
 the stated bf16 bound (relative L2 2e-2). Then the opt-in 8-bit attention kernel and FP8 matmuls against
-their CPU references, the q/k norm + RoPE and PiT per-pixel kernels against the torch ops, and the pixels
-`pid decode` copies off the GPU.
+their CPU references, the q/k norm + RoPE and PiT per-pixel kernels against the torch ops, sampler steps
+replayed from CUDA graphs against the same steps without them, and the pixels `pid decode` copies off the GPU.
 
     python scripts/gpu_parity.py
 """
@@ -170,6 +170,42 @@ def check_other_device() -> float:
     return 0.0 if same else 1.0
 
 
+def check_step_graphs(dev: torch.device) -> float:
+    """Sampler steps replayed from CUDA graphs (`PiDNet.use_cuda_graphs`) give bit for bit what the same network
+    gives without them, eager and compiled, over decodes with new noise, text and latents (the graph's inputs
+    refilled each time) and a second batch size (a second graph)."""
+    cfg = json.loads((PARITY / "v15_flux2" / "config.json").read_text())["tiny_net_config"]
+    fx = {k: v.float().to(dev) for k, v in load_file(PARITY / "v15_flux2" / "fixture.safetensors").items()}
+    gen = torch.Generator(device=dev).manual_seed(0)
+    decodes = []
+    for batch in (1, 1, 2, 1):
+        x, y, lq = (torch.randn(batch, *fx[k].shape[1:], device=dev, generator=gen)
+                    for k in ("chain_x_0", "chain_y", "chain_lq_latent"))
+        eps = [torch.randn(x.shape, device=dev, generator=gen) for _ in range(3)]
+        decodes.append((x, y, lq, torch.full((batch,), 0.1, device=dev), eps))
+    failed = 0.0
+    for policy in ("bf16", "bf16+compile"):
+        outs = []
+        for graphed in (False, True):
+            net = load_weights(PiDNet(**cfg).eval(), PARITY / "v15_flux2" / "model_fp32.safetensors").to(dev)
+            net.pixel_chunk = 5
+            net.to_inference_dtype(torch.bfloat16)
+            if policy.endswith("compile"):
+                net.compile_blocks()
+            if graphed:
+                net.use_cuda_graphs()
+            with torch.inference_mode(), fast_attention():
+                outs.append([sample(net, x, y, lq, sigma, eps=eps).cpu() for x, y, lq, sigma, eps in decodes])
+            if graphed:
+                captured = sum(g.graph is not None for g in net._step_graphs.graphs.values())
+        same = all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+        worst = max((a - b).abs().max().item() for a, b in zip(*outs, strict=True))
+        print(f"\nsampler steps from CUDA graphs ({policy}, {captured} graphs): "
+              f"{'bit-identical' if same and captured == 2 else f'MISMATCH (max |Δ| {worst:.2e})'}")
+        failed = max(failed, 0.0 if same and captured == 2 else 1.0)
+    return failed
+
+
 def check_host_pixels(dev: torch.device) -> float:
     """The GPU's PNG levels, copied behind the decode into pinned memory, equal the CPU's; NaN items are flagged."""
     images = torch.rand(3, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
@@ -216,8 +252,7 @@ def main() -> int:
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
     worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_pixel_mlp(dev),
-                check_other_device(),
-                check_host_pixels(dev))
+                check_other_device(), check_step_graphs(dev), check_host_pixels(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pid_cli.model import inductor, linear8
+from pid_cli.model.graphs import StepGraphs
 from pid_cli.model.layers import (
     GeluMLP,
     Linear,
@@ -148,19 +149,26 @@ class PiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(Linear(cond_dim, 6 * pixel_dim * p2))
         self.matmul_mode = "bf16"  # see PiDNet.use_fp8_matmuls
         self._split: tuple[tuple[Tensor | None, ...], ...] | None = None
+        self._split_source: tuple | None = None  # the weights _split was made from
 
     def split_modulation(self) -> None:
         """Regroup the adaLN rows (pixel-major: p·6C + chunk·C + ch) into the two modulations
         used before attention (shift, scale) and after it (gate, shift, scale, gate), so each
-        chunk computes exactly the rows it needs, never the whole 6·C·P² output at once."""
+        chunk computes exactly the rows it needs, never the whole 6·C·P² output at once.
+        Done again only when the weights changed (moved, cast, loaded into, FP8 mode): a sampler step
+        replayed from a CUDA graph reads the split tensors it was captured with."""
         lin = self.adaLN_modulation[0]
+        source = (lin.weight.data_ptr(), lin.weight.dtype, lin.weight._version, lin.bias.data_ptr(),
+                  lin.bias._version, self.matmul_mode)
+        if self._split is not None and self._split_source == source:
+            return
         c = self.pixel_dim
         rows = torch.arange(lin.out_features, device=lin.weight.device).view(-1, 6 * c)  # [P², 6C]
         pre, post = rows[:, : 2 * c].reshape(-1), rows[:, 2 * c:].reshape(-1)
         halves = ((lin.weight[pre], lin.bias[pre]), (lin.weight[post], lin.bias[post]))
         if self.matmul_mode == "fp8":
             halves = tuple(linear8.quantize_weight(w, b) for w, b in halves)
-        self._split = halves
+        self._split, self._split_source = halves, source
 
     def _modulation(self, s_cond: Tensor, part: int) -> Tensor:
         if self._split is None:
@@ -321,6 +329,7 @@ class PiDNet(nn.Module):
             num_heads=math.ceil(patch_depth / lq_interval), gate_per_dim=per_dim,
             padding_mode=lq_conv_padding_mode, pit_head=pit_lq_inject)
         self.pit_lq_gate = SigmaGate(hidden_size, per_dim) if pit_lq_inject else None
+        self._step_graphs: StepGraphs | None = None  # see use_cuda_graphs
 
     def compile_blocks(self, **options) -> PiDNet:
         """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the
@@ -344,6 +353,12 @@ class PiDNet(nn.Module):
         self._pixel_condition = compiled(self._pixel_condition)
         self._embed_pixels = compiled(self._embed_pixels)
         self.final_layer.forward = compiled(self.final_layer.forward)
+        return self
+
+    def use_cuda_graphs(self) -> PiDNet:
+        """Replay each sampler step on a CUDA device from a CUDA graph (model/graphs.py: one graph per output
+        size, captured on the second step of its first decode). The output is bit for bit the same."""
+        self._step_graphs = StepGraphs(self._velocity)
         return self
 
     def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:
@@ -433,6 +448,11 @@ class PiDNet(nn.Module):
 
     def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The velocity ε − x0 for sample x [B, 3, H, W] at timesteps t [B] (already ×1000)."""
+        if self._step_graphs is not None and x.is_cuda and not torch.is_grad_enabled():
+            return self._step_graphs(x, t, cond)
+        return self._velocity(x, t, cond)
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         b = x.shape[0]
         p, (gh, gw) = self.patch_size, cond.grid
         patches = x.view(b, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)  # [B, L, 3·P²]
