@@ -121,3 +121,15 @@ def test_pit_modulation_split_is_made_again_only_when_the_weights_change():
         net.to_inference_dtype(torch.bfloat16)
         net.condition(*args)
         assert block._split[1][0].dtype == torch.bfloat16
+
+
+def test_only_the_most_recently_used_signatures_are_kept(monkeypatch):
+    captured = stand_in_capture(monkeypatch)
+    steps = graphs_mod.StepGraphs(lambda x, t, cond: x + t.view(-1, 1), keep=2)
+    cond = make_cond()
+    t = torch.zeros(1)
+    for width in (3, 3, 4, 4, 3, 5, 5):  # sizes 3, 4, back to 3 (still held), then 5 pushes out 4
+        out = steps(torch.ones(1, width), t, cond)
+        assert out.shape == (1, width)
+    assert [key[0][0] for key in steps.graphs] == [(1, 3), (1, 5)]
+    assert len(captured) == 3  # 3 and 4 captured once each, 5 once; 3 was never captured again
