@@ -15,6 +15,7 @@ output is copied out before the next replay.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -88,15 +89,22 @@ class StepGraphs:
     CUDA graph. Returns a fresh tensor every call, as `step` does.
 
     At most `keep` signatures are held (the least recently used goes first): a farm job over latents of many
-    sizes would otherwise keep every size's input copies (~0.3 GB at 4K) for the life of the process."""
+    sizes would otherwise keep every size's input copies (~0.3 GB at 4K) for the life of the process. Calls
+    from several threads take turns: each fills the graph's inputs and queues its replay and copy-out before
+    the next may touch them (on one stream, the GPU then runs them in that order too)."""
 
     def __init__(self, step: Step, keep: int = 4):
         self.step = step
         self.keep = keep
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pools: dict[torch.device, Any] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with self._lock:
+            return self._call(x, t, cond)
+
+    def _call(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         key = signature(x, t, cond)
         graph = self.graphs.get(key)
         if graph is None:  # first call: run on the graph's own inputs, so that capturing later compiles nothing
