@@ -27,50 +27,47 @@ from torch import Tensor
 Step = Callable[[Tensor, Tensor, Any], Tensor]  # (x, t, conditioning) → velocity
 
 
-def _tensors(cond: Any) -> list[Tensor]:
-    """The tensors of a Conditioning (tensor fields and tuples of them), in field order."""
-    found = []
-    for field in dataclasses.fields(cond):
-        value = getattr(cond, field.name)
-        for item in value if isinstance(value, tuple) else (value,):
-            if isinstance(item, Tensor):
-                found.append(item)
-    return found
-
-
-def _describe(value: Any) -> Any:
+def _map(fn: Callable[[Tensor], Any], value: Any) -> Any:
+    """fn applied to a Conditioning field's tensors (the field, or in a tuple); other values as they are."""
     if isinstance(value, Tensor):
-        return tuple(value.shape), value.dtype, value.device
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_describe(v) for v in value)
+        return tuple(_map(fn, v) for v in value)
     return value
+
+
+def _fields(cond: Any) -> list[Any]:
+    return [getattr(cond, f.name) for f in dataclasses.fields(cond)]
 
 
 def signature(x: Tensor, t: Tensor, cond: Any) -> tuple:
     """What a captured graph is specific to: every input's shape, dtype and device, the conditioning's other
     (non-tensor) fields, and inference mode (tensors made inside it cannot be updated outside it)."""
-    fields = tuple(_describe(getattr(cond, f.name)) for f in dataclasses.fields(cond))
-    return _describe(x), _describe(t), fields, torch.is_inference_mode_enabled()
+    def describe(tensor: Tensor) -> tuple:
+        return tuple(tensor.shape), tensor.dtype, tensor.device
+
+    return (describe(x), describe(t), tuple(_map(describe, v) for v in _fields(cond)),
+            torch.is_inference_mode_enabled())
 
 
-def _static_copy(cond: Any) -> Any:
-    """cond with every tensor cloned contiguous: the graph's inputs, filled before each replay."""
-    def clone(value):
-        if isinstance(value, Tensor):
-            return value.clone(memory_format=torch.contiguous_format)
-        if isinstance(value, tuple):
-            return tuple(clone(v) for v in value)
-        return value
-    return dataclasses.replace(cond, **{f.name: clone(getattr(cond, f.name)) for f in dataclasses.fields(cond)})
+def _tensors(cond: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    for value in _fields(cond):
+        _map(found.append, value)
+    return found
+
+
+def _clone(tensor: Tensor) -> Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 class _Graph:
     """One signature's graph: its input tensors, and once captured, the graph and its output tensor."""
 
     def __init__(self, x: Tensor, t: Tensor, cond: Any):
-        self.x = x.clone(memory_format=torch.contiguous_format)
-        self.t = t.clone(memory_format=torch.contiguous_format)
-        self.cond = _static_copy(cond)
+        self.x, self.t = _clone(x), _clone(t)
+        self.cond = dataclasses.replace(cond, **{f.name: _map(_clone, getattr(cond, f.name))
+                                                 for f in dataclasses.fields(cond)})
         self.source = weakref.ref(cond)  # the conditioning now in self.cond (a decode's cond lives its steps)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None

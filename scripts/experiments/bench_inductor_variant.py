@@ -1,20 +1,17 @@
 """Experiment: scripts/bench.py under an Inductor setting, to compare settings in separate processes.
 
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$V python scripts/experiments/bench_inductor_variant.py $V --sizes 2048 \
-        --policies ours8fp8 ours --repeat 3    # V: base, multikernel, autotune, cudagraphs or persistN (persist4096)
+        --policies ours8fp8 ours --repeat 3    # V: base, multikernel, autotune or persistN (persist4096)
 
 base changes nothing (the compiled blocks already hold rows up to 4096 wide since pid_cli/model/inductor.py; this
 script measured the choice before it); multikernel sets Inductor's `triton.multi_kernel` (a persistent and a looped
 kernel per reduction, picked by timing at run time); autotune sets `max_autotune_gemm`, so Inductor times its Triton
 matmul templates (FP8 `_scaled_mm` included) against cuBLAS and can fuse the norms, gates and residual adds that
 follow a matmul into its epilogue (the glue is ~30% of a 2K decode with both 8-bit modes, H100 profile in
-BENCHMARKS.md; compiling takes minutes); cudagraphs compiles the blocks with mode="reduce-overhead", each compiled
-graph replayed as a CUDA graph (a 2K decode launches ~3,300 kernels with ~1-2 µs between them on an H100, ~5 ms; not
-yet run: the pixel stream's chunks, outputs of one compiled function called once per chunk and then updated in
-place, may make cudagraph trees record more graphs or refuse); persistN holds INNER reductions up to N wide in
-registers in every compiled graph of the process. The setting lives in this process, so the policies run in it, one
-after another, as bench.py ran them before it gave each its own process. Give each variant its own Inductor cache:
-the graph cache does not see a choices handler.
+BENCHMARKS.md; compiling takes minutes); persistN holds INNER reductions up to N wide in registers in every compiled
+graph of the process. (Each sampler step already replays from one CUDA graph: pid_cli/model/graphs.py.) The setting
+lives in this process, so the policies run in it, one after another, as bench.py ran them before it gave each its
+own process. Give each variant its own Inductor cache: the graph cache does not see a choices handler.
 """
 
 import sys
@@ -33,11 +30,6 @@ if variant == "multikernel":
     import torch._inductor.config as inductor_config
 
     inductor_config.triton.multi_kernel = 1
-elif variant == "cudagraphs":
-    from pid_cli.model.net import PiDNet
-
-    compile_blocks = PiDNet.compile_blocks
-    PiDNet.compile_blocks = lambda net, **options: compile_blocks(net, mode="reduce-overhead", **options)
 elif variant == "autotune":
     import torch._inductor.config as inductor_config
 
@@ -59,7 +51,7 @@ elif variant.startswith("persist"):
 
     V.set_choices_handler(Choices())
 elif variant != "base":
-    raise SystemExit(f"unknown variant {variant!r}: base, multikernel, autotune, cudagraphs or persistN")
+    raise SystemExit(f"unknown variant {variant!r}: base, multikernel, autotune or persistN")
 
 
 def in_this_process(args, policy: str, size: int) -> dict:
