@@ -75,15 +75,27 @@ def sample(net: nn.Module, noise: Tensor, y: Tensor, lq_latent: Tensor, degrade_
     # make the host wait for the GPU to drain before it could queue the next step.
     ts_device, t_values = ts.to(device), ts.tolist()
     for k in range(ts.numel() - 1):
-        t_cur, t_next = ts_device[k], ts_device[k + 1]
-        v = velocity(x, (t_cur * FM_TIMESCALE).expand(batch))
-        x0 = (x.double() - t_cur.double() * v.double()).float()
+        v = velocity(x, (ts_device[k] * FM_TIMESCALE).expand(batch))
+        noise = None
         if t_values[k + 1] > 0:
-            e = eps[k].to(device=device, dtype=torch.float32) if eps is not None else \
+            noise = eps[k].to(device=device, dtype=torch.float32) if eps is not None else \
                 draw_noise(x.shape, generator, device)
-            x = (1 - t_next) * x0 + t_next * e
-        else:
-            x = x0
+        x = step(x, v, t_values[k], t_values[k + 1], noise)
         if callback is not None:
             callback(k, x)
     return x.clamp(-1, 1)
+
+
+def step(x: Tensor, v: Tensor, t_cur: float, t_next: float, noise: Tensor | None) -> Tensor:
+    """One step from x at t_cur with velocity v: x0 = x − t_cur·v in float64, rounded to float32, then
+    re-noised to t_next with `noise` (float32: (1 − t_next)·x0 + t_next·noise), or x0 itself at the last
+    step. t_cur and t_next are float32 values. On a GPU one Triton kernel (`step_kernel`) does it with the
+    same roundings, bit for bit."""
+    if x.is_cuda:
+        from pid_cli import step_kernel
+
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            return step_kernel.launch(x, v, t_cur, t_next, noise)
+    t_cur32, t_next32 = (torch.tensor(t, dtype=torch.float32) for t in (t_cur, t_next))
+    x0 = (x.double() - t_cur32.double() * v.double()).float()
+    return x0 if noise is None else (1 - t_next32) * x0 + t_next32 * noise

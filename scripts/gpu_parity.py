@@ -3,7 +3,8 @@ bound (1e-5; GPU kernels sum in other orders than the CPU reference, so single e
 move more than the CPU max-abs bound), the bf16 policy and the compiled path must stay within
 the stated bf16 bound (relative L2 2e-2). Then the opt-in 8-bit attention kernel and FP8 matmuls against
 their CPU references, the q/k norm + RoPE and PiT per-pixel kernels against the torch ops, sampler steps
-replayed from CUDA graphs against the same steps without them, and the pixels `pid decode` copies off the GPU.
+replayed from CUDA graphs against the same steps without them, the sampler step's kernel against its torch
+ops, and the pixels `pid decode` copies off the GPU.
 
     python scripts/gpu_parity.py
 """
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pid_cli.model import PiDNet, load_weights
 from pid_cli.model.layers import fast_attention
 from pid_cli.pipeline import HostPixels, to_uint
-from pid_cli.sampler import sample
+from pid_cli.sampler import STUDENT_T_LIST, sample, step
 
 PARITY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pid_parity"
 
@@ -206,6 +207,27 @@ def check_step_graphs(dev: torch.device) -> float:
     return failed
 
 
+def check_sampler_step(dev: torch.device) -> float:
+    """The sampler step's Triton kernel equals the step's torch ops on the CPU bit for bit (float64 x0, float32
+    re-noising), for every step of the schedule, with a float32 and a bf16 velocity and an odd size."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor(STUDENT_T_LIST, dtype=torch.float32).tolist()
+    failed = 0.0
+    for shape, v_dtype in (((2, 3, 64, 96), torch.float32), ((1, 3, 37, 53), torch.bfloat16)):
+        x, e = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        v = (torch.randn(shape, generator=gen) * 1.7).to(v_dtype)
+        for k in range(len(t) - 1):
+            noise = e if t[k + 1] > 0 else None
+            want = step(x, v, t[k], t[k + 1], noise)
+            got = step(x.to(dev), v.to(dev), t[k], t[k + 1], None if noise is None else noise.to(dev)).cpu()
+            if not torch.equal(got, want):
+                print(f"sampler step {k}, {tuple(shape)}, v {v_dtype}: MISMATCH, max |Δ| "
+                      f"{(got - want).abs().max().item():.2e}")
+                failed = 1.0
+    print(f"sampler step kernel: {'bit-identical to the torch ops' if not failed else 'MISMATCH'}")
+    return failed
+
+
 def check_host_pixels(dev: torch.device) -> float:
     """The GPU's PNG levels, copied behind the decode into pinned memory, equal the CPU's; NaN items are flagged."""
     images = torch.rand(3, 3, 256, 384, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
@@ -252,7 +274,7 @@ def main() -> int:
             if policy != "fp32" and r > 2e-2:
                 worst = max(worst, 1.0)
     worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_pixel_mlp(dev),
-                check_other_device(), check_step_graphs(dev), check_host_pixels(dev))
+                check_other_device(), check_step_graphs(dev), check_sampler_step(dev), check_host_pixels(dev))
     print("PASS" if worst == 0 else "FAIL")
     return int(worst > 0)
 

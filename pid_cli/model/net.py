@@ -332,10 +332,12 @@ class PiDNet(nn.Module):
         self._step_graphs: StepGraphs | None = None  # see use_cuda_graphs
 
     def compile_blocks(self, **options) -> PiDNet:
-        """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the
-        chunked PiT halves and their attention, the gates, the pixel embedding and the final layer); the loops
-        between them stay eager. Shapes are static, so a new output size compiles once and every
-        later image of that size reuses it. Row reductions up to 4096 wide are read once (model/inductor.py)."""
+        """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the chunked PiT
+        halves and their attention, the gates, the pixel embedding and the final layer) and the latent branch's
+        conv stack, run once per decode (eager, its GroupNorms, SiLUs, paddings and layout changes took 3× its
+        convolutions' time: ~11 ms of a 2K decode); the loops between them stay eager. Shapes are static, so a
+        new output size compiles once and every later image of that size reuses it. Row reductions up to 4096
+        wide are read once (model/inductor.py)."""
         options = {"dynamic": False, **options}
         # one entry per (device, output size, last-block flag): the default limit of 8 would
         # silently fall back to eager on a 4-GPU host decoding two sizes
@@ -350,6 +352,7 @@ class PiDNet(nn.Module):
                 setattr(block, name, compiled(getattr(block, name)))
         for gate in self.lq_proj.gate_modules:
             gate.forward = compiled(gate.forward)
+        self.lq_proj.tokens = compiled(self.lq_proj.tokens)
         self._pixel_condition = compiled(self._pixel_condition)
         self._embed_pixels = compiled(self._embed_pixels)
         self.final_layer.forward = compiled(self.final_layer.forward)
