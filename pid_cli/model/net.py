@@ -34,6 +34,8 @@ from pid_cli.model.layers import (
 from pid_cli.model.lq import LQProjection, SigmaGate
 
 Rope = tuple[Tensor, Tensor] | None
+Branch = tuple[Tensor, Tensor]  # (gate [B, 1, D], branch output [B, L, D]): a residual still to add
+LatentInjection = tuple[SigmaGate, Tensor, Tensor]  # (gate, head features [B, L, D], σ [B])
 
 
 @dataclass
@@ -94,20 +96,30 @@ class MMDiTBlock(nn.Module):
         self.adaLN_modulation_img = nn.Sequential(Linear(dim, 6 * dim))
         self.adaLN_modulation_txt = nn.Sequential(Linear(dim, 6 * dim))
 
-    def forward(self, s: Tensor, u: Tensor, c: Tensor, rope_x: Rope, rope_y: Rope,
-                text_out: bool = True) -> tuple[Tensor, Tensor]:
-        # s [B, L, D] image stream, u [B, T, D] text stream, c [B, 1, D] conditioning
+    def forward(self, s: Tensor, u: Tensor, c: Tensor, rope_x: Rope, rope_y: Rope, text_out: bool = True,
+                pending: Branch | None = None, lq: LatentInjection | None = None) -> tuple[Tensor, Tensor, Branch]:
+        """s [B, L, D] image stream, u [B, T, D] text stream, c [B, 1, D] conditioning.
+
+        `pending` is the previous block's gated MLP branch, not yet added to s, and `lq` the latent gate that
+        comes before this block: both are applied here, so that the compiled block reads and writes the fp32
+        image stream once for them and its first norm and FP8 quantisation (three passes over it before: the
+        residual, the gate, the norm). For the same reason this block returns its own MLP branch unadded."""
+        if pending is not None:
+            s = s + pending[0] * pending[1]
+        if lq is not None:
+            gate, features, sigma = lq
+            s = gate(s, features, sigma)
         shift_x, scale_x, gate_x, shift_mx, scale_mx, gate_mx = self.adaLN_modulation_img(c).chunk(6, dim=-1)
         shift_y, scale_y, gate_y, shift_my, scale_my, gate_my = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
         attn_x, attn_y = self.attn(modulate(self.norm_x1(s), shift_x, scale_x),
                                    modulate(self.norm_y1(u), shift_y, scale_y), rope_x, rope_y, text_out)
         s = s + gate_x * attn_x
-        s = s + gate_mx * self.mlp_x(modulate(self.norm_x2(s), shift_mx, scale_mx))
+        branch = (gate_mx, self.mlp_x(modulate(self.norm_x2(s), shift_mx, scale_mx)))
         if not text_out:  # the last block's text output is never read
-            return s, u
+            return s, u, branch
         u = u + gate_y * attn_y
         u = u + gate_my * self.mlp_y(modulate(self.norm_y2(u), shift_my, scale_my))
-        return s, u
+        return s, u, branch
 
 
 class PixelAttention(nn.Module):
@@ -332,12 +344,13 @@ class PiDNet(nn.Module):
         self._step_graphs: StepGraphs | None = None  # see use_cuda_graphs
 
     def compile_blocks(self, **options) -> PiDNet:
-        """torch.compile the repeated pieces (one graph serves all 14 MMDiT blocks, one each the chunked PiT
-        halves and their attention, the gates, the pixel embedding and the final layer) and the latent branch's
-        conv stack, run once per decode (eager, its GroupNorms, SiLUs, paddings and layout changes took 3× its
-        convolutions' time: ~11 ms of a 2K decode); the loops between them stay eager. Shapes are static, so a
-        new output size compiles once and every later image of that size reuses it. Row reductions up to 4096
-        wide are read once (model/inductor.py)."""
+        """torch.compile the repeated pieces (the MMDiT blocks with the latent gates before them in four graphs:
+        the first, those with and without a gate, the last; one each the chunked PiT halves and their attention,
+        the pixel embedding and the final layer) and the latent branch's conv stack, run once per decode (eager,
+        its GroupNorms, SiLUs, paddings and layout changes took 3× its convolutions' time: ~11 ms of a 2K
+        decode); the loops between them stay eager. Shapes are static, so a new output size compiles once and
+        every later image of that size reuses it. Row reductions up to 4096 wide are read once
+        (model/inductor.py)."""
         options = {"dynamic": False, **options}
         # one entry per (device, output size, last-block flag): the default limit of 8 would
         # silently fall back to eager on a 4-GPU host decoding two sizes
@@ -350,8 +363,6 @@ class PiDNet(nn.Module):
         for block in self.pixel_blocks:
             for name in ("pre", "attend", "post_inputs", "residuals"):
                 setattr(block, name, compiled(getattr(block, name)))
-        for gate in self.lq_proj.gate_modules:
-            gate.forward = compiled(gate.forward)
         self.lq_proj.tokens = compiled(self.lq_proj.tokens)
         self._pixel_condition = compiled(self._pixel_condition)
         self._embed_pixels = compiled(self._embed_pixels)
@@ -465,18 +476,21 @@ class PiDNet(nn.Module):
         u = cond.text
         heads = self.lq_proj.output_heads if cond.lq_tokens is not None else []
         last = len(self.patch_blocks) - 1
+        pending = None
         for i, block in enumerate(self.patch_blocks):
             k, rem = divmod(i, self.lq_interval)
+            lq = None
             if rem == 0 and k < len(heads):
-                s = self.lq_proj.gate_modules[k](s, heads[k](cond.lq_tokens), cond.sigma)
-            s, u = block(s, u, c, cond.rope_x, cond.rope_y, text_out=i < last)
+                lq = (self.lq_proj.gate_modules[k], heads[k](cond.lq_tokens), cond.sigma)
+            s, u, pending = block(s, u, c, cond.rope_x, cond.rope_y, text_out=i < last, pending=pending, lq=lq)
 
-        s = self._pixel_condition(s, t_emb, cond)
+        s = self._pixel_condition(s, pending, t_emb, cond)
         return self._pixel_stage(x, s.reshape(b * gh * gw, -1), cond)
 
-    def _pixel_condition(self, s: Tensor, t_emb: Tensor, cond: Conditioning) -> Tensor:
-        """The PiT blocks' per-token conditioning [B, L, D] from the last MMDiT block's output."""
-        s = F.silu(t_emb + s)
+    def _pixel_condition(self, s: Tensor, pending: Branch, t_emb: Tensor, cond: Conditioning) -> Tensor:
+        """The PiT blocks' per-token conditioning [B, L, D] from the last MMDiT block's output (its MLP
+        branch still to add)."""
+        s = F.silu(t_emb + (s + pending[0] * pending[1]))
         if self.pit_lq_gate is not None and cond.lq_tokens is not None:
             s = self.pit_lq_gate(s, self.lq_proj.pit_head(cond.lq_tokens), cond.sigma)
         return s
