@@ -6,9 +6,12 @@ compilation."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,7 +342,8 @@ def test_compiled_blocks_hold_rows_up_to_4096_wide_in_registers_and_only_while_t
     deferred = []
     monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
                         staticmethod(lambda f, coop: deferred.append(int(f.reduction_numel)) or False))
-    choices = inductor.WideRowChoices()
+    choices = inductor._wide_row_choices()
+    wide_rows = type(choices)
     assert choices.should_use_persistent_reduction(features(1536), False)
     assert choices.should_use_persistent_reduction(features(4096), False)
     assert not choices.should_use_persistent_reduction(features(8192), False)
@@ -350,10 +354,19 @@ def test_compiled_blocks_hold_rows_up_to_4096_wide_in_registers_and_only_while_t
         return type(V.choices), x + 1
 
     default = type(V.choices)
-    assert default is not inductor.WideRowChoices
+    assert default is not wide_rows
     seen, y = inductor.with_wide_rows(block)(1)
-    assert seen is inductor.WideRowChoices and y == 2
+    assert seen is wide_rows and y == 2
     assert type(V.choices) is default
+
+
+def test_importing_the_network_leaves_inductor_choices_unloaded():
+    """The choices handler is built when a block is first compiled: importing Inductor's choices takes seconds, which
+    an eager decode (`--compile auto` on a short run) would otherwise pay before its first image."""
+    code = "import sys, pid_cli.model, pid_cli.pipeline; print('torch._inductor.choices' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("n_in, n_out", [(3, 16), (16, 3)])

@@ -21,15 +21,21 @@ import torch
 
 PERSISTENT_ROW_LIMIT = 4096
 
-try:
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-except ImportError:  # a torch whose Inductor lacks the hook: its defaults
-    InductorChoices = None
 
+@functools.cache
+def _wide_row_choices() -> Any:
+    """A WideRowChoices instance, or None under a torch whose Inductor lacks the hook. Built on first use:
+    importing Inductor's choices takes ~3 s, which an eager decode (`--compile auto` on a short run) and every
+    other command would otherwise pay at start."""
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.runtime.hints import ReductionHint
+        from torch._inductor.virtualized import V
+    except ImportError:  # a torch whose Inductor lacks the hook: its defaults
+        return None
+    if not hasattr(V, "set_choices_handler"):
+        return None
 
-if InductorChoices is not None:
     class WideRowChoices(InductorChoices):
         """Inductor's choices, except that a row reduction (`INNER`) of a static width up to
         PERSISTENT_ROW_LIMIT stays in registers."""
@@ -42,12 +48,15 @@ if InductorChoices is not None:
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
+    return WideRowChoices()
+
 
 def with_wide_rows(compiled: Callable) -> Callable:
     """`compiled` (a torch.compile'd function), compiling and running under WideRowChoices."""
-    if InductorChoices is None or not hasattr(V, "set_choices_handler"):
+    choices = _wide_row_choices()
+    if choices is None:
         return compiled
-    choices = WideRowChoices()
+    from torch._inductor.virtualized import V
 
     @functools.wraps(compiled)
     def run(*args, **kwargs):
