@@ -123,6 +123,21 @@ def test_pit_modulation_split_is_made_again_only_when_the_weights_change():
         assert block._split[1][0].dtype == torch.bfloat16
 
 
+def test_the_whole_network_traces_as_one_graph_once_the_split_exists():
+    """scripts/bench.py's upstream-compiled policy compiles the whole forward, `condition` included, as upstream's
+    `--compile` does. The split's data-pointer check broke that graph in two, and on an H100/H200 Inductor then
+    failed on the second part (torch 2.11: 'SymFloat' object has no attribute 'size')."""
+    fx = tiny_fixture("v15_flux2")
+    net = PiDNet(**tiny_config("v15_flux2")).eval()
+    for block in net.pixel_blocks:
+        block.split_modulation()
+    t = torch.full((fx["x"].shape[0],), 999.0)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(net)(fx["x"], t, fx["y"], fx["lq_latent"], fx["degrade_sigma"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_only_the_most_recently_used_signatures_are_kept(monkeypatch):
     captured = stand_in_capture(monkeypatch)
     steps = graphs_mod.StepGraphs(lambda x, t, cond: x + t.view(-1, 1), keep=2)

@@ -168,7 +168,11 @@ class PiTBlock(nn.Module):
         used before attention (shift, scale) and after it (gate, shift, scale, gate), so each
         chunk computes exactly the rows it needs, never the whole 6·C·P² output at once.
         Done again only when the weights changed (moved, cast, loaded into, FP8 mode): a sampler step
-        replayed from a CUDA graph reads the split tensors it was captured with."""
+        replayed from a CUDA graph reads the split tensors it was captured with. Under a torch.compile of the
+        whole network (scripts/bench.py's upstream-compiled policy) an existing split is kept: comparing data
+        pointers would break its graph."""
+        if self._split is not None and torch.compiler.is_compiling():
+            return
         lin = self.adaLN_modulation[0]
         source = (lin.weight.data_ptr(), lin.weight.dtype, lin.weight._version, lin.bias.data_ptr(),
                   lin.bias._version, self.matmul_mode)
