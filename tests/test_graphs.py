@@ -125,7 +125,7 @@ def test_pit_modulation_split_is_made_again_only_when_the_weights_change():
 
 def test_the_whole_network_traces_as_one_graph_once_the_split_exists():
     """scripts/bench.py's upstream-compiled policy compiles the whole forward, `condition` included, as upstream's
-    `--compile` does. The split's data-pointer check broke that graph in two, and on an H100/H200 Inductor then
+    `--compile` does. The split's data-pointer check broke that graph in two, and on an H200 Inductor then
     failed on the second part (torch 2.11: 'SymFloat' object has no attribute 'size')."""
     fx = tiny_fixture("v15_flux2")
     net = PiDNet(**tiny_config("v15_flux2")).eval()
