@@ -7,7 +7,7 @@ import torch
 from conftest import PARITY, tiny_config, tiny_fixture
 
 from pid_cli.model import PiDNet, load_weights
-from pid_cli.sampler import STUDENT_T_LIST, draw_noise, sample, schedule
+from pid_cli.sampler import STUDENT_T_LIST, draw_noise, sample, schedule, step
 
 
 def test_default_schedule_is_the_fixture_schedule():
@@ -100,3 +100,15 @@ def test_bf16_policy_stays_close_to_fp32_reference(variant):
     assert out.dtype == torch.bfloat16  # the velocity comes out of a bf16 Linear, as upstream
     rel = ((out.float() - fx["out"]).norm() / fx["out"].norm()).item()
     assert 1e-5 < rel <= 2e-2, rel  # bf16 really ran (not exact), and stays within the stated bound
+
+
+def test_step_predicts_x0_in_float64_then_renoises_in_float32():
+    """Upstream's step arithmetic (spec §4): x0 = x − t·v in float64 from the float32 timestep, rounded to float32;
+    re-noising (1 − t')·x0 + t'·ε in float32; the last step returns x0 itself."""
+    g = torch.Generator().manual_seed(0)
+    x, v, eps = (torch.randn(2, 3, 16, 16, generator=g) for _ in range(3))
+    t_cur, t_next = (torch.tensor(t, dtype=torch.float32) for t in (0.866, 0.634))
+    x0 = (x.double() - t_cur.double() * v.double()).float()
+    assert not torch.equal(x0, x - t_cur * v)  # float32 arithmetic rounds differently: the float64 pass matters
+    assert torch.equal(step(x, v, t_cur.item(), 0.0, None), x0)
+    assert torch.equal(step(x, v, t_cur.item(), t_next.item(), eps), (1 - t_next) * x0 + t_next * eps)
