@@ -789,8 +789,9 @@ def _vae_weights(job: DecodeJob) -> Path:
     return hub.ensure_files(job.entry, vae=True, text_encoder=False).vae["weights"]
 
 
-# torch.compile costs ~15-20 s per output size even with warm caches and saves 0.045-0.056 s per output
-# megapixel on an H200/H100 (BENCHMARKS.md): it pays for itself after 300-450 MP per GPU
+# torch.compile delays the first image by 5-11 s per output size with warm caches and ~30-35 s with cold ones, and
+# saves 0.045-0.056 s per output megapixel on an H200/H100 (BENCHMARKS.md): it pays for itself after ~100-220 MP
+# per GPU when warm, ~600-700 MP when cold; 400 MP is between the two
 COMPILE_MIN_MEGAPIXELS = 400
 
 
