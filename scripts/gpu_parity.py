@@ -6,12 +6,15 @@ their CPU references, the q/k norm + RoPE and PiT per-pixel kernels against the 
 replayed from CUDA graphs against the same steps without them, the sampler step's kernel against its torch
 ops, and the pixels `pid decode` copies off the GPU.
 
-    python scripts/gpu_parity.py
+    python scripts/gpu_parity.py                                  # every part, each in a process of its own
+    python scripts/gpu_parity.py --parts fixture:v15_flux2 graphs   # some of them
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -243,40 +246,70 @@ def check_host_pixels(dev: torch.device) -> float:
     return failed
 
 
+VARIANTS = ("v1_flux", "v1_sdxl", "v15_flux", "v15_flux2")
+PARTS = (*(f"fixture:{v}" for v in VARIANTS), "graphs", "kernels")
+
+
+def check_fixture(variant: str, dev: torch.device) -> float:
+    """One tiny released family's fixture, fp32, bf16 and bf16 + compile: the forward and the 4-step sample."""
+    cfg = json.loads((PARITY / variant / "config.json").read_text())["tiny_net_config"]
+    fx = {k: v.float() for k, v in load_file(PARITY / variant / "fixture.safetensors").items()}
+    failed = 0.0
+    for policy in ("fp32", "bf16", "bf16+compile"):
+        net = load_weights(PiDNet(**cfg).eval(), PARITY / variant / "model_fp32.safetensors").to(dev)
+        net.pixel_chunk = 5
+        if policy != "fp32":
+            net.to_inference_dtype(torch.bfloat16)
+        if policy.endswith("compile"):
+            net.compile_blocks()
+        g = {k: v.to(dev) for k, v in fx.items()}
+        with torch.inference_mode(), fast_attention():
+            out = net(g["x"], g["t"], g["y"], g["lq_latent"], g["degrade_sigma"])
+            smp = sample(net, g["chain_x_0"], g["chain_y"], g["chain_lq_latent"], g["chain_degrade_sigma"],
+                         eps=[g[f"chain_eps_{i}"] for i in (1, 2, 3)])
+        fwd_abs = (out.float().cpu() - fx["out"]).abs().max().item()
+        smp_abs = (smp.cpu() - fx["chain_sample"]).abs().max().item()
+        r = rel(out, fx["out"])
+        print(f"| {variant} | {policy} | {fwd_abs:.2e} | {r:.2e} | {smp_abs:.2e} |", flush=True)
+        if r > (1e-5 if policy == "fp32" else 2e-2):
+            failed = 1.0
+    return failed
+
+
+def run_part(part: str, dev: torch.device) -> float:
+    if part.startswith("fixture:"):
+        return check_fixture(part.removeprefix("fixture:"), dev)
+    if part == "graphs":
+        return check_step_graphs(dev)
+    return max(check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_pixel_mlp(dev),
+               check_other_device(), check_sampler_step(dev), check_host_pixels(dev))
+
+
 def main() -> int:
+    """Each part in a process of its own, all at once: compiling the tiny networks is CPU work, serial inside one
+    process (~250 s in one process on an H200 host), and the GPU work is small. Output in the parts' order."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--device", default="cuda", help="cpu runs the fixture parts only (to check this script)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run the one part given, here
+    args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dev = torch.device("cuda")
-    worst = 0.0
+    if args.child:
+        return int(run_part(args.parts[0], torch.device(args.device)) > 0)
+    children = [subprocess.Popen([sys.executable, __file__, "--child", "--device", args.device, "--parts", part],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for part in args.parts]
     print("| variant | policy | forward max abs | forward rel L2 | sample max abs |")
     print("|---|---|---|---|---|")
-    for variant in ("v1_flux", "v1_sdxl", "v15_flux", "v15_flux2"):
-        cfg = json.loads((PARITY / variant / "config.json").read_text())["tiny_net_config"]
-        fx = {k: v.float() for k, v in load_file(PARITY / variant / "fixture.safetensors").items()}
-        for policy in ("fp32", "bf16", "bf16+compile"):
-            net = load_weights(PiDNet(**cfg).eval(), PARITY / variant / "model_fp32.safetensors").to(dev)
-            net.pixel_chunk = 5
-            if policy != "fp32":
-                net.to_inference_dtype(torch.bfloat16)
-            if policy.endswith("compile"):
-                net.compile_blocks()
-            g = {k: v.to(dev) for k, v in fx.items()}
-            with torch.inference_mode(), fast_attention():
-                out = net(g["x"], g["t"], g["y"], g["lq_latent"], g["degrade_sigma"])
-                smp = sample(net, g["chain_x_0"], g["chain_y"], g["chain_lq_latent"], g["chain_degrade_sigma"],
-                             eps=[g[f"chain_eps_{i}"] for i in (1, 2, 3)])
-            fwd_abs = (out.float().cpu() - fx["out"]).abs().max().item()
-            smp_abs = (smp.cpu() - fx["chain_sample"]).abs().max().item()
-            r = rel(out, fx["out"])
-            print(f"| {variant} | {policy} | {fwd_abs:.2e} | {r:.2e} | {smp_abs:.2e} |", flush=True)
-            if policy == "fp32" and r > 1e-5:
-                worst = max(worst, 1.0)
-            if policy != "fp32" and r > 2e-2:
-                worst = max(worst, 1.0)
-    worst = max(worst, check_attention8(dev), check_linear8(dev), check_norm_rope(dev), check_pixel_mlp(dev),
-                check_other_device(), check_step_graphs(dev), check_sampler_step(dev), check_host_pixels(dev))
-    print("PASS" if worst == 0 else "FAIL")
-    return int(worst > 0)
+    failed = []
+    for part, child in zip(args.parts, children, strict=True):
+        output, _ = child.communicate()
+        print(output.rstrip("\n"), flush=True)
+        if child.returncode:
+            failed.append(f"{part} (exit {child.returncode})")
+    print(f"FAIL: {', '.join(failed)}" if failed else "PASS")
+    return int(bool(failed))
 
 
 if __name__ == "__main__":
