@@ -110,6 +110,10 @@ def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
         rows.append(("cuDNN attention", torch.backends.cuda.cudnn_sdp_enabled(),
                      "enabled (preferred)" if torch.backends.cuda.cudnn_sdp_enabled() else
                      "disabled: flash/efficient SDPA will be used (slower)"))
+        from pid_cli.model.layers import HAS_TRITON
+
+        rows.append(("Triton", HAS_TRITON, "installed: our GPU kernels and compiled decodes" if HAS_TRITON else
+                     "not installed: GPU decodes run eager on the torch ops (slower; pip install triton)"))
         attention8, matmul8 = _eight_bit_status(device)
         rows.append(("8-bit attention", None, attention8))
         rows.append(("FP8 matmuls", None, matmul8))

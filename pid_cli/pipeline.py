@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pid_cli import paths
-from pid_cli.model import PiDNet, load_weights
+from pid_cli.model import PiDNet, layers, load_weights
 from pid_cli.model.layers import fast_attention
 from pid_cli.model.linear8 import MATMUL_MODES
 from pid_cli.registry import Entry
@@ -157,6 +157,9 @@ class Decoder:
         self.entry = entry
         self.weights = Path(weights)
         self.device = resolve_device(device)
+        if compile and self.device.type == "cuda" and not layers.HAS_TRITON:
+            raise ValueError("compiling for a GPU needs Triton, which is not installed (pip install triton); "
+                             "without it, decode with --compile off")
         if dtype is None:  # bf16 matmuls on GPUs (upstream's autocast policy); exact fp32 on CPUs
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -170,7 +173,7 @@ class Decoder:
             raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
         if matmul == "fp8":
             self.net.use_fp8_matmuls()  # opt-in FP8 image-token matmuls (see model/linear8.py)
-        self.compiled = compile if compile is not None else self.device.type == "cuda"
+        self.compiled = compile if compile is not None else self.device.type == "cuda" and layers.HAS_TRITON
         if self.compiled:
             persist_compile_caches()
             self.net.compile_blocks()  # one compilation per output size, reused for every later image

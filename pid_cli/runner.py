@@ -47,6 +47,7 @@ from pid_cli.latents import (
     to_training_frame,
     training_sigma,
 )
+from pid_cli.model import layers
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
 from pid_cli.pipeline import Decoder, HostPixels, finite_items, resolve_device, to_uint
 from pid_cli.registry import Entry
@@ -798,11 +799,11 @@ COMPILE_MIN_MEGAPIXELS = 400
 def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
     """`--compile auto`: compile only when this GPU has enough output pixels to win the time back (with
     several GPUs each worker decides for its own share), so a short interactive run shows its first image
-    in seconds; None leaves it to the Decoder (CPU: never)."""
+    in seconds; None leaves it to the Decoder (CPU, or a GPU without Triton: never)."""
     if job.compile != "auto":
         return job.compile == "on"
-    if job.devices[0].type != "cuda":
-        return None
+    if job.devices[0].type != "cuda" or not layers.HAS_TRITON:
+        return None  # the Decoder's default: CPU or no Triton, never
     megapixels = sum(item.shape[1] * item.shape[2] for item in items) * scale * scale / 1e6
     return megapixels >= COMPILE_MIN_MEGAPIXELS
 

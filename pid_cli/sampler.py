@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pid_cli.model import layers
+
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
 ONE_STEP_T = 1.0  # the 1-step path evaluates at t = 1.0, not 0.999 (upstream `student_timestep`)
 FM_TIMESCALE = 1000.0
@@ -91,7 +93,7 @@ def step(x: Tensor, v: Tensor, t_cur: float, t_next: float, noise: Tensor | None
     re-noised to t_next with `noise` (float32: (1 − t_next)·x0 + t_next·noise), or x0 itself at the last
     step. t_cur and t_next are float32 values. On a GPU one Triton kernel (`step_kernel`) does it with the
     same roundings, bit for bit."""
-    if x.is_cuda:
+    if x.is_cuda and layers.HAS_TRITON:
         from pid_cli import step_kernel
 
         with torch.cuda.device(x.device):  # Triton launches on the current device

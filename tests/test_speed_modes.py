@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from pid_cli.model import PiDNet, attention8, linear8
+from pid_cli import pipeline
+from pid_cli.model import PiDNet, attention8, layers, linear8
 from pid_cli.model.linear8 import Fp8Linear
 from pid_cli.model.net import FP8_LINEARS
 from pid_cli.pipeline import CompileGate
@@ -214,7 +215,8 @@ def items(n: int, hw: int) -> list[Item]:
     return [Item(None, 0, (32, hw, hw), None, 0.0, 0, "") for _ in range(n)]
 
 
-def test_compile_auto_compiles_only_runs_long_enough_to_pay_it_back():
+def test_compile_auto_compiles_only_runs_long_enough_to_pay_it_back(monkeypatch):
+    monkeypatch.setattr(layers, "HAS_TRITON", True)
     entry = load_registry().get("flux2-2kto4k-v1.5")
     scale = entry.latent.vae_factor * entry.sr_scale
     hw_2k = 2048 // scale
@@ -228,6 +230,18 @@ def test_compile_auto_compiles_only_runs_long_enough_to_pay_it_back():
     assert compile_for(job("off", ["cuda:0"]), items(10_000, hw_2k), scale) is False
     assert compile_for(job("auto", ["cpu"]), items(10_000, hw_2k), scale) is None  # the Decoder's CPU default
 
+
+
+def test_a_gpu_without_triton_decodes_eager_and_refuses_compile_on_by_name(monkeypatch):
+    """Our GPU kernels and torch.compile's GPU code are Triton, which torch's Windows builds lack: there `--compile
+    auto` decodes eager and `--compile on` says what is missing before any weights are read."""
+    monkeypatch.setattr(layers, "HAS_TRITON", False)
+    many = items(10_000, 256)
+    assert compile_for(job("auto", ["cuda:0"]), many, 8) is None  # the Decoder's default: no Triton, never
+    assert compile_for(job("off", ["cuda:0"]), many, 8) is False
+    entry = load_registry().get("flux2-2kto4k-v1.5")
+    with pytest.raises(ValueError, match=r"needs Triton.*--compile off"):
+        pipeline.Decoder(entry, "/nonexistent/weights.safetensors", device="cuda:0", compile=True)
 
 # ---------------------------------------------------------------------------------------------------------
 # CompileGate

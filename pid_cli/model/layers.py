@@ -10,11 +10,16 @@ norms, RoPE and gates in fp32.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Our GPU kernels and torch.compile's GPU code are Triton. torch's CUDA wheels for Linux bring it; other builds
+# (Windows) may not, and there a GPU decodes with the torch ops instead. A constant, so compiled code reads it freely.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 class Linear(nn.Linear):
@@ -186,7 +191,7 @@ def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None, out_
     """`apply_rope(norm(x), rope)` for the q or k heads x [B, N, heads, head_dim], rounded to out_dtype, the
     dtype attention takes them in (V's): one Triton kernel on CUDA (`norm_rope_kernel`; torch.compile's own
     kernel for it runs ~4x below memory bandwidth), which writes q and k once at that width."""
-    if x.is_cuda and rope is not None:
+    if x.is_cuda and rope is not None and HAS_TRITON:
         return torch.ops.pid.norm_rope(x, norm.weight, norm.eps, *rope, out_dtype)
     return apply_rope(norm(x), rope).to(out_dtype)
 

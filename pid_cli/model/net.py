@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pid_cli.model import inductor, linear8
+from pid_cli.model import inductor, layers, linear8
 from pid_cli.model.graphs import StepGraphs
 from pid_cli.model.layers import (
     GeluMLP,
@@ -206,7 +206,7 @@ class PiTBlock(nn.Module):
         """xp [n, P², C] fp32 after the attention and MLP residuals. With bf16 weights on a GPU the per-pixel
         part is one Triton kernel that updates xp in place (`pixel_mlp_kernel`: 4x fewer bytes moved)."""
         modulation, branch = self.post_inputs(xp, s_cond, attended)  # [n, P², 4C], [n, P², C]
-        if xp.is_cuda and self.mlp.fc1.weight.dtype == torch.bfloat16:
+        if xp.is_cuda and self.mlp.fc1.weight.dtype == torch.bfloat16 and layers.HAS_TRITON:
             mlp = self.mlp
             torch.ops.pid.pixel_mlp_(xp, modulation, branch, self.norm2.weight, self.norm2.eps,
                                      mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
@@ -406,6 +406,9 @@ class PiDNet(nn.Module):
                 raise ValueError(f"--attention 8bit supports head dims {attention8.MIN_HEAD_DIM}.."
                                  f"{attention8.MAX_HEAD_DIM}; this checkpoint has {dims}")
             self._require_8bit_tensor_cores("--attention 8bit")
+            if not layers.HAS_TRITON:
+                raise ValueError("--attention 8bit runs a Triton kernel, and Triton is not installed (pip install "
+                                 "triton)")
         for module in modules:
             module.attention_mode = mode
         return self
