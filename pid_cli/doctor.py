@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pid_cli import __version__
+from pid_cli.model.layers import HAS_TRITON
 
 FIXTURE = Path(str(files("pid_cli") / "data" / "parity"))
 
@@ -74,6 +75,14 @@ def time_decode(entry, device: torch.device, size: int = 2048) -> str:
             "`pid decode` compiles the blocks and runs faster")
 
 
+def _triton_status() -> str:
+    if not HAS_TRITON:
+        return "not installed: GPU decodes run eager on the torch ops (slower; pip install triton)"
+    import triton
+
+    return f"{triton.__version__}: runs our GPU kernels and compiled decodes"
+
+
 def _eight_bit_status(device: torch.device) -> tuple[str, str]:
     """(--attention 8bit, --matmul fp8) availability on this GPU: both need 8-bit tensor cores."""
     from pid_cli.model import linear8
@@ -83,12 +92,8 @@ def _eight_bit_status(device: torch.device) -> tuple[str, str]:
     if capability < (8, 9):
         missing = f"not available: needs 8-bit tensor cores (sm_89 or newer), this GPU is {arch}"
         return missing, missing
-    try:
-        import triton
-
-        attention = f"available as --attention 8bit ({arch}, Triton {triton.__version__})"
-    except ImportError:
-        attention = "not available: Triton is not installed"
+    attention = (f"available as --attention 8bit ({arch})" if HAS_TRITON else
+                 "not available: Triton is not installed")
     try:
         linear8.probe(device)
         matmul = f"available as --matmul fp8 ({arch})"
@@ -110,10 +115,7 @@ def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
         rows.append(("cuDNN attention", torch.backends.cuda.cudnn_sdp_enabled(),
                      "enabled (preferred)" if torch.backends.cuda.cudnn_sdp_enabled() else
                      "disabled: flash/efficient SDPA will be used (slower)"))
-        from pid_cli.model.layers import HAS_TRITON
-
-        rows.append(("Triton", HAS_TRITON, "installed: our GPU kernels and compiled decodes" if HAS_TRITON else
-                     "not installed: GPU decodes run eager on the torch ops (slower; pip install triton)"))
+        rows.append(("Triton", HAS_TRITON, _triton_status()))
         attention8, matmul8 = _eight_bit_status(device)
         rows.append(("8-bit attention", None, attention8))
         rows.append(("FP8 matmuls", None, matmul8))

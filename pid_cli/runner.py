@@ -803,7 +803,7 @@ def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
     if job.compile != "auto":
         return job.compile == "on"
     if job.devices[0].type != "cuda" or not layers.HAS_TRITON:
-        return None  # the Decoder's default: CPU or no Triton, never
+        return None
     megapixels = sum(item.shape[1] * item.shape[2] for item in items) * scale * scale / 1e6
     return megapixels >= COMPILE_MIN_MEGAPIXELS
 

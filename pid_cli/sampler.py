@@ -93,7 +93,7 @@ def step(x: Tensor, v: Tensor, t_cur: float, t_next: float, noise: Tensor | None
     re-noised to t_next with `noise` (float32: (1 − t_next)·x0 + t_next·noise), or x0 itself at the last
     step. t_cur and t_next are float32 values. On a GPU one Triton kernel (`step_kernel`) does it with the
     same roundings, bit for bit."""
-    if x.is_cuda and layers.HAS_TRITON:
+    if layers.triton_kernels(x):
         from pid_cli import step_kernel
 
         with torch.cuda.device(x.device):  # Triton launches on the current device

@@ -289,10 +289,11 @@ def main() -> int:
     """Each part in a process of its own, all at once: compiling the tiny networks is CPU work, serial inside one
     process (~250 s in one process on an H200 host), and the GPU work is small. Output in the parts' order."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    ap.add_argument("--device", default="cuda", help="cpu runs the fixture parts only (to check this script)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, help="default: all (on the CPU: the fixtures)")
+    ap.add_argument("--device", default="cuda", help="cpu: the fixture parts, to check this script off a GPU")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run the one part given, here
     args = ap.parse_args()
+    args.parts = args.parts or [p for p in PARTS if args.device != "cpu" or p.startswith("fixture:")]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if args.child:

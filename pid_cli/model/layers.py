@@ -22,6 +22,11 @@ from torch import Tensor, nn
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def triton_kernels(t: Tensor) -> bool:
+    """Whether our Triton kernels take the work on t: a CUDA tensor, with Triton installed."""
+    return t.is_cuda and HAS_TRITON
+
+
 class Linear(nn.Linear):
     """nn.Linear that runs in its weight dtype, as autocast would."""
 
@@ -191,7 +196,7 @@ def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None, out_
     """`apply_rope(norm(x), rope)` for the q or k heads x [B, N, heads, head_dim], rounded to out_dtype, the
     dtype attention takes them in (V's): one Triton kernel on CUDA (`norm_rope_kernel`; torch.compile's own
     kernel for it runs ~4x below memory bandwidth), which writes q and k once at that width."""
-    if x.is_cuda and rope is not None and HAS_TRITON:
+    if triton_kernels(x) and rope is not None:
         return torch.ops.pid.norm_rope(x, norm.weight, norm.eps, *rope, out_dtype)
     return apply_rope(norm(x), rope).to(out_dtype)
 

@@ -206,7 +206,7 @@ class PiTBlock(nn.Module):
         """xp [n, P², C] fp32 after the attention and MLP residuals. With bf16 weights on a GPU the per-pixel
         part is one Triton kernel that updates xp in place (`pixel_mlp_kernel`: 4x fewer bytes moved)."""
         modulation, branch = self.post_inputs(xp, s_cond, attended)  # [n, P², 4C], [n, P², C]
-        if xp.is_cuda and self.mlp.fc1.weight.dtype == torch.bfloat16 and layers.HAS_TRITON:
+        if layers.triton_kernels(xp) and self.mlp.fc1.weight.dtype == torch.bfloat16:
             mlp = self.mlp
             torch.ops.pid.pixel_mlp_(xp, modulation, branch, self.norm2.weight, self.norm2.eps,
                                      mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
