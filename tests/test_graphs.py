@@ -148,3 +148,32 @@ def test_only_the_most_recently_used_signatures_are_kept(monkeypatch):
         assert out.shape == (1, width)
     assert [key[0][0] for key in steps.graphs] == [(1, 3), (1, 5)]
     assert len(captured) == 3  # 3 and 4 captured once each, 5 once; 3 was never captured again
+
+
+def test_compiled_blocks_compile_once_per_output_size_never_per_image():
+    """Time to first image stays the first image's: a decode compiles what its output size needs once, and every
+    later image of that size (new noise, text, latent, σ, seed) runs what was compiled. A second size compiles its
+    own copy of each graph once, and returning to the first compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    fx = tiny_fixture("v15_flux2")
+    net = PiDNet(**tiny_config("v15_flux2")).eval()
+    counter = CompileCounter()  # counts the graphs Dynamo hands to the compiler, then runs them eagerly
+    net.compile_blocks(backend=counter)
+    compiled_after = []
+
+    def decode(width: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(1, 3, 64, 64 * width, generator=gen)
+        latent = torch.randn(1, 128, 1, width, generator=gen)
+        text = torch.randn(fx["chain_y"].shape, generator=gen)
+        sample(net, noise, text, latent, torch.rand(1, generator=gen) * 0.2, generator=gen)
+        compiled_after.append(counter.frame_count)
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        for width, seed in ((1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (1, 5)):
+            decode(width, seed)
+    first = compiled_after[0]
+    assert first > 0
+    assert compiled_after == [first] * 3 + [2 * first] * 3
