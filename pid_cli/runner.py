@@ -438,7 +438,10 @@ class _Session:
             self.vae_path = _vae_weights(job)  # fetched here, before the decoders load: a missing file stops early
         scale = job.entry.latent.vae_factor * job.entry.sr_scale
         decoder = _load_decoder(job, compile_for(job, self.items, scale))
-        batch_size = job.batch_size or auto_batch_size(decoder.device, self.items[0].shape, scale)
+
+        def batch_size(shape: tuple[int, int, int]) -> int:
+            return job.batch_size or auto_batch_size(decoder.device, shape, scale)
+
         batches = plan_batches(self.items, batch_size)
         ready: queue.Queue = queue.Queue(maxsize=2)
         progress = _Progress(len(self.items), job.quiet, self.report)
@@ -726,21 +729,34 @@ def _describe_sizes(entry: Entry) -> str:
     return ", ".join(f"{w}x{h}" for w, h in sizes.buckets)
 
 
-def plan_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
-    """Micro-batches of equal latent shape, in input order within each shape."""
+def plan_batches(items: list[Item], batch_size: Callable[[tuple[int, int, int]], int]) -> list[list[Item]]:
+    """Micro-batches of equal latent shape, in input order within each shape, of `batch_size(shape)` items."""
     groups: dict[tuple[int, int, int], list[Item]] = {}
     for item in items:
         groups.setdefault(item.shape, []).append(item)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    batches = []
+    for shape, group in groups.items():
+        size = batch_size(shape)
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
+    return batches
+
+
+FULL_BATCH_PIXELS = 4 * 2048 * 2048  # output pixels per batch at which a GPU is full (see auto_batch_size)
 
 
 def auto_batch_size(device: torch.device, shape: tuple[int, int, int], scale: int) -> int:
-    """Images per batch that fit in the free memory of `device` (1 on CPU)."""
+    """Images per batch for latents of `shape` [C, h, w]: 1 on a CPU; on a GPU as many as make FULL_BATCH_PIXELS
+    output pixels (4 at 2K, 1 at 4K), fewer if free memory says so.
+
+    Why stop there: a 2K decode fills an H200 on its own, and batching only amortises the small part of a decode
+    paid once per batch. Throughput peaked at batch 4 (3.41-3.43 / 3.44 / 3.46 / 3.48 / 3.42 images/s at batch
+    1 / 2 / 3 / 4 / 8, BENCHMARKS.md); a larger batch costs memory and delays the first PNG by a whole batch."""
     if device.type != "cuda":
         return 1
+    pixels = shape[1] * shape[2] * scale * scale
     free, _ = torch.cuda.mem_get_info(device)
-    per_image = shape[1] * shape[2] * scale * scale * 800  # ~bytes of activations per output pixel, with margin
-    return max(1, min(16, int(free * 0.8) // per_image))
+    fits = int(free * 0.8) // (pixels * 800)  # ~bytes of activations per output pixel, with margin
+    return max(1, min(16, fits, round(FULL_BATCH_PIXELS / pixels)))
 
 
 class _DeviceCodec:

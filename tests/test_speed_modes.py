@@ -24,7 +24,7 @@ from pid_cli.model.linear8 import Fp8Linear
 from pid_cli.model.net import FP8_LINEARS
 from pid_cli.pipeline import CompileGate
 from pid_cli.registry import load_registry
-from pid_cli.runner import COMPILE_MIN_MEGAPIXELS, DecodeJob, Item, compile_for
+from pid_cli.runner import COMPILE_MIN_MEGAPIXELS, DecodeJob, Item, auto_batch_size, compile_for, plan_batches
 
 
 def pid_like(n: int, heads: int, d: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -230,6 +230,42 @@ def test_compile_auto_compiles_only_runs_long_enough_to_pay_it_back(monkeypatch)
     assert compile_for(job("off", ["cuda:0"]), items(10_000, hw_2k), scale) is False
     assert compile_for(job("auto", ["cpu"]), items(10_000, hw_2k), scale) is None  # the Decoder's CPU default
 
+
+
+def test_auto_batch_fills_the_gpu_once_per_output_size_and_no_further(monkeypatch):
+    """`--batch-size auto` picks per output size: 4 images at 2K (where throughput peaked), 1 at 4K, up to 16 of
+    small ones; less where free memory says so; 1 on a CPU. A run of mixed sizes batches each size by its own
+    rule, not by the first input's."""
+    entry = load_registry().get("flux2-2kto4k-v1.5")
+    scale = entry.latent.vae_factor * entry.sr_scale
+    free = {"bytes": 120 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 * 2**30))
+    gpu = torch.device("cuda:0")
+
+    def latent(height: int, width: int) -> tuple[int, int, int]:
+        return (32, height // scale, width // scale)
+
+    assert auto_batch_size(gpu, latent(2048, 2048), scale) == 4
+    assert auto_batch_size(gpu, latent(1728, 2304), scale) == 4
+    assert auto_batch_size(gpu, latent(3072, 4096), scale) == 1
+    assert auto_batch_size(gpu, latent(4096, 4096), scale) == 1
+    assert auto_batch_size(gpu, latent(1024, 1024), scale) == 16
+    assert auto_batch_size(gpu, latent(512, 512), scale) == 16  # at most 16
+    assert auto_batch_size(torch.device("cpu"), latent(512, 512), scale) == 1
+    free["bytes"] = 8 * 2**30  # a smaller card, weights loaded: ~3.4 GB budgeted per 2K image, 80% of free memory
+    assert auto_batch_size(gpu, latent(2048, 2048), scale) == 2
+    free["bytes"] = 2 * 2**30
+    assert auto_batch_size(gpu, latent(2048, 2048), scale) == 1  # never 0: out-of-memory then halves to single images
+
+    def item(height: int, width: int) -> Item:
+        return Item(None, 0, latent(height, width), None, 0.0, 0, "")
+
+    free["bytes"] = 120 * 2**30
+    mixed = [item(2048, 2048)] + [item(4096, 4096)] * 3 + [item(2048, 2048)] * 5
+    batches = plan_batches(mixed, lambda shape: auto_batch_size(gpu, shape, scale))
+    assert [(len(b), b[0].shape) for b in batches] == [(4, latent(2048, 2048)), (2, latent(2048, 2048)),
+                                                       (1, latent(4096, 4096)), (1, latent(4096, 4096)),
+                                                       (1, latent(4096, 4096))]
 
 
 def test_a_gpu_without_triton_decodes_eager_and_refuses_compile_on_by_name(monkeypatch):
