@@ -310,8 +310,8 @@ def decode(
                                                        "Gemma is never loaded.")] = None,
     text_encoder: Annotated[Path | None, typer.Option("--text-encoder", help="Local Gemma-2 snapshot "
                                                       "folder.")] = None,
-    batch_size: Annotated[str, typer.Option("--batch-size", help="Images per GPU batch, or auto (from free "
-                                            "memory).")] = "auto",
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Images per GPU batch, or auto (per "
+                                            "output size: 4 at 2K, 1 at 4K, fewer if memory is short).")] = "auto",
     devices: Annotated[str | None, typer.Option("--devices", help="cpu, cuda:0, cuda:0,cuda:1 or all "
                                                 "(default: the first GPU, else the CPU); several devices run "
                                                 "one worker process each.")] = None,
