@@ -96,7 +96,7 @@ def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str,
     n_dev = len(devices.split(","))
     steady = (len(stamps) - n_dev) / (stamps[-1] - stamps[n_dev - 1]) if len(stamps) > n_dev else float("nan")
     return {"devices": devices, "images": len(stamps), "first_image_s": stamps[0], "total_s": stamps[-1],
-            "steady_images_per_s": steady}
+            "steady_images_per_s": steady, "stamps": stamps}
 
 
 def decode_processes(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str) -> dict:

@@ -3,19 +3,16 @@
     python scripts/experiments/decode_batches.py            # 16 2K latents: --batch-size 1 vs auto, twice, interleaved
     python scripts/experiments/decode_batches.py --mixed    # 8 2K + 3 4K latents, auto: run cold, then warm
 
-Both 8-bit modes, compiled. Prints when each PNG's record arrived (seconds from process start) and, for the first
-form, the steady rate after the 4th PNG (auto batches 4 at 2K, so that is where its second batch starts).
+Both 8-bit modes, compiled (`bench_decode.py`'s runs). Prints when each PNG's record arrived (seconds from process
+start) and, for the first form, the steady rate after the 4th PNG (auto batches 4 at 2K: its second batch starts
+there).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -45,29 +42,13 @@ def main() -> None:
     runs = ["auto", "auto"] if args.mixed else ["1", "auto", "1", "auto"]
     print(f"# {torch.cuda.get_device_name()}")
     for i, batch_size in enumerate(runs):
-        times = png_times(registry, embeds, latents, work / f"out_{i}", entry.backbone, batch_size)
+        # bench_decode's command asks for batch 1; a later --batch-size wins
+        bench_decode.PID_ARGS[:] = ["--attention", "8bit", "--matmul", "fp8", "--batch-size", batch_size]
+        times = bench_decode.decode(registry, embeds, latents, work / f"out_{i}", "cuda:0", entry.backbone)["stamps"]
         line = f"--batch-size {batch_size}: first PNG {times[0]:.1f} s, last {times[-1]:.1f} s"
         if not args.mixed:
             line += f", steady after the 4th {(len(times) - 4) / (times[-1] - times[3]):.2f} images/s"
         print(f"{line}; PNGs at {[round(t, 2) for t in times]}", flush=True)
-
-
-def png_times(registry: Path, embeds: Path, latents: Path, out: Path, backbone: str, batch_size: str) -> list[float]:
-    """Seconds from process start to each PNG's record."""
-    cmd = [sys.executable, "-m", "pid_cli.cli", "decode", str(latents), "--backbone", backbone, "--variant", "bench",
-           "--registry", str(registry), "--prompt-embeds", str(embeds), "--out", str(out), "--json", "--quiet",
-           "--attention", "8bit", "--matmul", "fp8", "--compile", "on", "--batch-size", batch_size]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    times = []
-    for line in proc.stdout:
-        if line.startswith("{"):
-            assert json.loads(line)["status"] == "ok", line
-            times.append(time.perf_counter() - start)
-    if proc.wait():
-        raise SystemExit(f"pid decode failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-    return times
 
 
 if __name__ == "__main__":
