@@ -72,7 +72,7 @@ class DecodeJob:
     entry: Entry
     weights: Path
     template: str = DEFAULT_TEMPLATE
-    batch_size: int | None = None  # None: as many as fit in free GPU memory
+    batch_size: int | None = None  # None: per output size (auto_batch_size)
     devices: list[torch.device] = field(default_factory=lambda: [resolve_device(None)])
     seed: int = 0
     steps: int = 4
