@@ -18,6 +18,7 @@ logit spreads 1 and 3, and against the same-arithmetic torch reference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -45,22 +46,24 @@ VARIANTS = {
 }
 
 
-def quantize(k: torch.Tensor, v: torch.Tensor, key_block: int):
-    saved = attention8.KEY_BLOCK
-    attention8.KEY_BLOCK = key_block  # quantize_kv and attend_quantized read it at call time
+@contextlib.contextmanager
+def key_block(n: int):
+    """attention8's K scale block set to n keys (quantize_kv and attend_quantized read it at call time)."""
+    saved, attention8.KEY_BLOCK = attention8.KEY_BLOCK, n
     try:
+        yield
+    finally:
+        attention8.KEY_BLOCK = saved
+
+
+def quantize(k: torch.Tensor, v: torch.Tensor, n: int):
+    with key_block(n):
         return attention8.quantize_kv(k, v)
-    finally:
-        attention8.KEY_BLOCK = saved
 
 
-def reference(q, packed, n_kv: int, key_block: int):
-    saved = attention8.KEY_BLOCK
-    attention8.KEY_BLOCK = key_block
-    try:
+def reference(q, packed, n_kv: int, n: int):
+    with key_block(n):
         return attention8.attend_quantized(q, *packed, n_kv)
-    finally:
-        attention8.KEY_BLOCK = saved
 
 
 def launch(q, k8, k_scale, v8, v_scale, n_kv: int, variant) -> torch.Tensor:
