@@ -7,6 +7,7 @@ This is the library API and what every `pid decode` worker runs. Latent conversi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -18,10 +19,12 @@ from torch import Tensor
 
 from pid_cli import paths
 from pid_cli.model import PiDNet, layers, load_weights
+from pid_cli.model.heads import HeadShard, check_divides
 from pid_cli.model.layers import fast_attention
 from pid_cli.model.linear8 import MATMUL_MODES
 from pid_cli.registry import Entry
 from pid_cli.sampler import draw_noise, sample, schedule
+from pid_cli.split import DecodeInputs, HelperGroup
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -144,16 +147,46 @@ class HostPixels:
         return _png_levels(self._levels[index].numpy())
 
 
+def build_network(entry: Entry, weights: Path, device: torch.device, shard: HeadShard | None = None, *,
+                  dtype: torch.dtype, attention: str, matmul: str, compile: bool) -> PiDNet:
+    """The checkpoint's network on `device`, in the given arithmetic, compiled or not; with `shard`, holding
+    only that device's attention heads (one image split across GPUs, split.py)."""
+    if matmul not in MATMUL_MODES:
+        raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
+    with torch.device("meta"):
+        net = PiDNet(**entry.net_config)
+    load_weights(net, weights)  # adopts the file's tensors: no random init, no second copy
+    net = net.to_inference_dtype(dtype)
+    if shard is not None:
+        net.split_heads(shard)  # before the move: the other devices' rows never reach this one
+    net = net.to(device).eval().requires_grad_(False)
+    net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see model/attention8.py)
+    if matmul == "fp8":
+        net.use_fp8_matmuls()  # opt-in FP8 image-token matmuls (see model/linear8.py)
+    if compile:
+        persist_compile_caches()
+        net.compile_blocks()  # one compilation per output size, reused for every later image
+    if device.type == "cuda" and shard is None:
+        net.use_cuda_graphs()  # each sampler step one launch, from the first decode's second step on
+    return net
+
+
 class Decoder:
-    """One PiD checkpoint on one device.
+    """One PiD checkpoint on one device, or one image split across several (`helper_devices`).
 
     >>> dec = Decoder.from_registry("flux2", target="4k")          # doctest: +SKIP
     >>> images = dec.decode(latents, prompts=["a red fox"], seed=0)  # [B, H, W, 3] uint8
+
+    With `helper_devices`, every attention's heads are spread over `device` and them (one helper process each,
+    split.py): each image takes less time, at the cost of the GPUs' total throughput (the rest of the network
+    runs on each of them, and the step is not replayed from a CUDA graph). Call `close()` (or use the decoder
+    as a context manager) to stop the helpers before the process ends.
     """
 
     def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None,
-                 compile: bool | None = None, attention: str = "bf16", matmul: str = "bf16"):
+                 compile: bool | None = None, attention: str = "bf16", matmul: str = "bf16",
+                 helper_devices: Sequence[str | torch.device] = ()):
         self.entry = entry
         self.weights = Path(weights)
         self.device = resolve_device(device)
@@ -164,35 +197,47 @@ class Decoder:
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.text_encoder = text_encoder
-        with torch.device("meta"):
-            net = PiDNet(**entry.net_config)
-        load_weights(net, self.weights)  # adopts the file's tensors: no random init, no second copy
-        self.net = net.to_inference_dtype(self.dtype).to(self.device).eval().requires_grad_(False)
-        self.net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see model/attention8.py)
-        if matmul not in MATMUL_MODES:
-            raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
-        if matmul == "fp8":
-            self.net.use_fp8_matmuls()  # opt-in FP8 image-token matmuls (see model/linear8.py)
         self.compiled = compile if compile is not None else self.device.type == "cuda" and layers.HAS_TRITON
-        if self.compiled:
-            persist_compile_caches()
-            self.net.compile_blocks()  # one compilation per output size, reused for every later image
-        if self.device.type == "cuda":
-            self.net.use_cuda_graphs()  # each sampler step one launch, from the first decode's second step on
+        build = functools.partial(build_network, entry, self.weights, dtype=self.dtype, attention=attention,
+                                  matmul=matmul, compile=self.compiled)
+        self._helpers: HelperGroup | None = None
+        shard = None
+        if helper_devices:
+            devices = [self.device, *(resolve_device(d) for d in helper_devices)]
+            check_divides(len(devices), PiDNet.attention_heads(entry.net_config))  # before any helper starts
+            self._helpers = HelperGroup(devices, build)
+            shard = self._helpers.start()
+        try:
+            self.net = build(self.device, shard)
+        except BaseException:
+            self.close()
+            raise
         self._warm_shapes: set[tuple[int, ...]] = set()
+
+    def close(self) -> None:
+        """Stop the helper processes of a split decoder (nothing to do otherwise)."""
+        if self._helpers is not None:
+            self._helpers.close()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_registry(cls, backbone: str, variant: str | None = None, target: str | None = None, *,
                       registry_files: Sequence[str | Path] = (), device: str | torch.device | None = None,
                       dtype: str | torch.dtype | None = None, attention: str = "bf16", matmul: str = "bf16",
-                      download: bool = True) -> Decoder:
+                      helper_devices: Sequence[str | torch.device] = (), download: bool = True) -> Decoder:
         """Resolve the checkpoint in the registry, fetch what is missing (unless offline), load."""
         from pid_cli import hub
         from pid_cli.registry import load_registry
 
         entry = load_registry(registry_files).resolve(backbone, variant, target)
         files = hub.ensure_files(entry, vae=False, text_encoder=False, download=download)
-        return cls(entry, files.weights, device=device, dtype=dtype, attention=attention, matmul=matmul)
+        return cls(entry, files.weights, device=device, dtype=dtype, attention=attention, matmul=matmul,
+                   helper_devices=helper_devices)
 
     @property
     def scale(self) -> int:
@@ -238,8 +283,33 @@ class Decoder:
         else:
             gate = _GATE.compiling()
         with gate, fast_attention():
-            images = sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
+            if self._helpers is None:
+                images = sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
+            else:  # the same draws as sample() would take, in its order, drawn up front to send them
+                eps = [draw_noise(noise.shape, generators, dev) for _ in t_list[1:-1]]
+                images = self._split_sample(DecodeInputs(noise, eps, y, lq, sigma, t_list))
         self._warm_shapes.add(tuple(latents.shape))
+        return images
+
+    def _split_sample(self, inputs: DecodeInputs) -> Tensor:
+        helpers = self._helpers
+        if helpers.lost_helper(wait_s=0) is not None:  # a helper died since the last decode
+            helpers.close(stop_helpers=False)
+        if not helpers.started:  # that, or a failed decode, ended the group
+            self.net.split_heads_group(helpers.start())
+        try:
+            helpers.send(inputs)
+            images = sample(self.net, inputs.noise, inputs.text, inputs.latent, inputs.sigma, t_list=inputs.t_list,
+                            eps=inputs.eps)
+            if images.is_cuda:
+                torch.cuda.synchronize(images.device)  # a helper lost mid-decode shows after this
+            helpers.check()
+        except BaseException as e:
+            lost = helpers.lost_helper()
+            helpers.close(stop_helpers=False)
+            if lost is not None:
+                raise RuntimeError(f"{lost}; this decode is lost, the next one starts new helpers") from e
+            raise
         return images
 
     def decode(self, latents: Tensor, prompts: Sequence[str] | None = None, prompt_embeds: Tensor | None = None,

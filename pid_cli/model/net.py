@@ -7,6 +7,7 @@ released `model_ema_bf16.pth` files load without conversion. Spec: PID_SPEC.md Â
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pid_cli.model import inductor, layers, linear8
+from pid_cli.model import heads, inductor, layers, linear8
 from pid_cli.model.graphs import StepGraphs
+from pid_cli.model.heads import HeadShard, gather_heads
 from pid_cli.model.layers import (
     GeluMLP,
     Linear,
@@ -67,6 +69,13 @@ class JointAttention(nn.Module):
         self.q_norm_y, self.k_norm_y = RMSNorm(head_dim), RMSNorm(head_dim)
         self.proj_x = Linear(dim, dim)
         self.proj_y = Linear(dim, dim)
+        self.shard: HeadShard | None = None  # this device's heads when one image is split across GPUs
+
+    def keep_heads(self, shard: HeadShard) -> None:
+        for qkv in (self.qkv_x, self.qkv_y):
+            heads.keep_heads(qkv, self.heads, shard)
+        self.heads //= shard.world
+        self.shard = shard
 
     def _qkv(self, proj: Linear, q_norm: RMSNorm, k_norm: RMSNorm, x: Tensor, rope: Rope):
         q, k, v = proj(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, N, heads, head_dim]
@@ -77,9 +86,10 @@ class JointAttention(nn.Module):
         qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_y)
         n_txt = y.shape[1]
         if not text_out:  # only image queries are needed; text keys/values still are
-            out = attention(qx, (ky, kx), (vy, vx), self.attention_mode)
+            out = gather_heads(attention(qx, (ky, kx), (vy, vx), self.attention_mode), self.shard)
             return self.proj_x(out), None
         out = attention(torch.cat([qy, qx], 1), (ky, kx), (vy, vx), self.attention_mode)
+        out = gather_heads(out, self.shard)  # [B, T + L, D]
         return self.proj_x(out[:, n_txt:]), self.proj_y(out[:, :n_txt])
 
 
@@ -133,11 +143,17 @@ class PixelAttention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = Linear(dim, dim)
+        self.shard: HeadShard | None = None  # as JointAttention's
+
+    def keep_heads(self, shard: HeadShard) -> None:
+        heads.keep_heads(self.qkv, self.heads, shard)
+        self.heads //= shard.world
+        self.shard = shard
 
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
         q, k = norm_rope(self.q_norm, q, rope, v.dtype), norm_rope(self.k_norm, k, rope, v.dtype)
-        return self.proj(attention(q, k, v, self.attention_mode))
+        return self.proj(gather_heads(attention(q, k, v, self.attention_mode), self.shard))
 
 
 class PiTBlock(nn.Module):
@@ -378,6 +394,28 @@ class PiDNet(nn.Module):
         size, captured on the second step of its first decode). The output is bit for bit the same."""
         self._step_graphs = StepGraphs(self._velocity)
         return self
+
+    @staticmethod
+    def attention_heads(net_config: dict) -> tuple[int, int]:
+        """(patch, pixel) attention heads of the network `net_config` builds, without building it."""
+        defaults = inspect.signature(PiDNet.__init__).parameters
+        num_groups = net_config.get("num_groups", defaults["num_groups"].default)
+        return num_groups, net_config.get("pixel_num_groups", defaults["pixel_num_groups"].default) or num_groups
+
+    def split_heads(self, shard: HeadShard) -> PiDNet:
+        """Keep this device's share of every attention's heads (model/heads.py); call before the FP8
+        conversion. Its decodes then need the group's other devices running the same decode in step."""
+        attentions = [m for m in self.modules() if isinstance(m, (JointAttention, PixelAttention))]
+        heads.check_divides(shard.world, [m.heads for m in attentions])
+        for module in attentions:
+            module.keep_heads(shard)
+        return self
+
+    def split_heads_group(self, shard: HeadShard) -> None:
+        """Gather the heads through a new process group of the same devices (split.py restarts a failed one)."""
+        for module in self.modules():
+            if isinstance(module, (JointAttention, PixelAttention)) and module.shard != shard:
+                module.shard = shard  # an equal shard (the usual case) keeps the compiled code's guards
 
     def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:
         """Cast matmul/conv weights to `dtype`; keep norms, gates' log_alpha and the text
