@@ -47,7 +47,8 @@ from pid_cli.latents import (
     to_training_frame,
     training_sigma,
 )
-from pid_cli.model import layers
+from pid_cli.model import PiDNet, layers
+from pid_cli.model.heads import check_divides
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
 from pid_cli.pipeline import Decoder, HostPixels, finite_items, resolve_device, to_uint
 from pid_cli.registry import Entry
@@ -74,6 +75,7 @@ class DecodeJob:
     template: str = DEFAULT_TEMPLATE
     batch_size: int | None = None  # None: per output size (auto_batch_size)
     devices: list[torch.device] = field(default_factory=lambda: [resolve_device(None)])
+    gpus_per_image: int = 1  # >1: each image split across this many of `devices` (latency, not throughput)
     seed: int = 0
     steps: int = 4
     dtype: str | None = None
@@ -204,7 +206,7 @@ def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | No
     each (see workers.py), which calls this with `report` (records and progress go to the parent) and its
     own `stop`, set by its signal handler; without one, SIGINT/SIGTERM are handled here."""
     check_job(job)
-    if len(job.devices) > 1:
+    if len(job.devices) > job.gpus_per_image:
         from pid_cli.workers import run_per_device
 
         return run_per_device(job)
@@ -237,6 +239,7 @@ def check_job(job: DecodeJob) -> None:
     """What would refuse the whole run, refused before any input is read or GPU work starts."""
     check_template(job.template)
     _check_baseline_options(job)
+    _check_gpus_per_image(job)
     check_writable(job.out)
 
 
@@ -244,6 +247,15 @@ def job_inputs(job: DecodeJob) -> list[InputSpec]:
     """The inputs this run (or this worker) owns: collected, sorted, outputs of earlier runs left out, its shard."""
     specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
     return take_shard(specs, *job.shard) if job.shard is not None else specs
+
+
+def _check_gpus_per_image(job: DecodeJob) -> None:
+    n = job.gpus_per_image
+    if n < 1 or len(job.devices) % n:
+        raise InputError(f"--gpus-per-image {n} must divide the {len(job.devices)} device(s) of --devices "
+                         f"({', '.join(map(str, job.devices))}) into groups of equal size")
+    if n > 1:
+        check_divides(n, PiDNet.attention_heads(job.entry.net_config))
 
 
 def _check_baseline_options(job: DecodeJob) -> None:
@@ -438,6 +450,13 @@ class _Session:
             self.vae_path = _vae_weights(job)  # fetched here, before the decoders load: a missing file stops early
         scale = job.entry.latent.vae_factor * job.entry.sr_scale
         decoder = _load_decoder(job, compile_for(job, self.items, scale))
+        try:
+            self._decode_on(decoder, scale)
+        finally:
+            decoder.close()  # a split decoder's helper processes
+
+    def _decode_on(self, decoder: Decoder, scale: int) -> None:
+        job = self.job
 
         def batch_size(shape: tuple[int, int, int]) -> int:
             return job.batch_size or auto_batch_size(decoder.device, shape, scale)
@@ -827,7 +846,7 @@ def compile_for(job: DecodeJob, items: list[Item], scale: int) -> bool | None:
 def _load_decoder(job: DecodeJob, compile: bool | None) -> Decoder:
     try:
         return Decoder(job.entry, job.weights, device=job.devices[0], dtype=job.dtype, text_encoder=job.text_encoder,
-                       attention=job.attention, matmul=job.matmul, compile=compile)
+                       attention=job.attention, matmul=job.matmul, compile=compile, helper_devices=job.devices[1:])
     except TypeError as e:  # a registry net_config the network does not take: a configuration error
         raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
 

@@ -1,4 +1,5 @@
-"""`pid decode --devices A,B,...`: one worker process per device.
+"""`pid decode --devices A,B,...`: one worker process per device (with `--gpus-per-image N`, per N devices: the
+worker's decoder splits each image across them, pipeline.py and split.py).
 
 Why processes and not a thread per GPU: a compiled decode still launches thousands of kernels from
 Python, and threads share one interpreter lock. On 4 H200s, threads reached 3.06x one GPU, separate
@@ -50,11 +51,13 @@ PARENT_POLL_S = 0.5
 
 
 def worker_jobs(job: DecodeJob) -> list[DecodeJob]:
-    """One single-device job per device, each on its round-robin share of this run's shard."""
+    """One job per device (per group of `gpus_per_image` devices), each on its round-robin share of this run's
+    shard."""
     k, n = job.shard or (0, 1)
-    count = len(job.devices)
-    return [replace(job, devices=[device], shard=(k + n * i, n * count), quiet=True, json_stdout=False,
-                    manifest_out=None) for i, device in enumerate(job.devices)]
+    size = job.gpus_per_image
+    groups = [job.devices[i:i + size] for i in range(0, len(job.devices), size)]
+    return [replace(job, devices=group, shard=(k + n * i, n * len(groups)), quiet=True, json_stdout=False,
+                    manifest_out=None) for i, group in enumerate(groups)]
 
 
 def run_per_device(job: DecodeJob) -> int:

@@ -5,6 +5,8 @@ first image, with full-size random weights written as a local checkpoint (no dow
     python scripts/bench_decode.py --first-image      # one image: --compile on vs auto (eager for short runs)
     python scripts/bench_decode.py --devices cuda:0 cuda:0,cuda:1,cuda:2,cuda:3 --separate
                  # also N separate `pid decode --devices cuda:K --shard K/N` commands, side by side
+    python scripts/bench_decode.py --size 4096 --devices cuda:0 cuda:0,cuda:1 --gpus-per-image 2
+                 # also each image split across 2 GPUs (latency), beside one image per GPU (throughput)
     python scripts/bench_decode.py --pid-args "--attention 8bit --matmul fp8"    # options for every run
 
 Every configuration decodes the same number of images per GPU, so each has the same steady window.
@@ -13,6 +15,7 @@ Every configuration decodes the same number of images per GPU, so each has the s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -81,8 +84,9 @@ def subset(latents: Path, count: int) -> Path:
 
 
 def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str,
-           compile: str = "on") -> dict:
+           compile: str = "on", gpus_per_image: int = 1) -> dict:
     cmd = command(registry, embeds, latents, out, devices, backbone, compile)
+    cmd += ["--gpus-per-image", str(gpus_per_image)] if gpus_per_image > 1 else []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -93,7 +97,7 @@ def decode(registry: Path, embeds: Path, latents: Path, out: Path, devices: str,
             stamps.append(time.perf_counter() - start)
     if proc.wait() != 0:
         raise SystemExit(f"pid decode --devices {devices} failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
-    n_dev = len(devices.split(","))
+    n_dev = len(devices.split(",")) // gpus_per_image  # workers, each writing its first image after compiling
     steady = (len(stamps) - n_dev) / (stamps[-1] - stamps[n_dev - 1]) if len(stamps) > n_dev else float("nan")
     return {"devices": devices, "images": len(stamps), "first_image_s": stamps[0], "total_s": stamps[-1],
             "steady_images_per_s": steady, "stamps": stamps}
@@ -152,6 +156,8 @@ def main() -> None:
     ap.add_argument("--first-image", action="store_true", help="time one-image runs, --compile on vs auto")
     ap.add_argument("--separate", action="store_true",
                     help="also run one separate `pid decode --devices cuda:K --shard K/N` per GPU")
+    ap.add_argument("--gpus-per-image", type=int, default=1,
+                    help="also run each multi-GPU configuration with `--gpus-per-image N` (one image split)")
     ap.add_argument("--pid-args", default="", help="extra `pid decode` options for every run")
     args = ap.parse_args()
     PID_ARGS.extend(shlex.split(args.pid_args))
@@ -170,10 +176,14 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         base = None
         for devices in args.devices:
-            modes = ["--devices", "separate"] if args.separate and "," in devices else ["--devices"]
+            n_dev = len(devices.split(","))
+            modes = ["--devices", "separate"] if args.separate and n_dev > 1 else ["--devices"]
+            if args.gpus_per_image > 1 and n_dev > 1 and n_dev % args.gpus_per_image == 0:
+                modes.append(f"--gpus-per-image {args.gpus_per_image}")
             for mode in modes:
-                run = decode if mode == "--devices" else decode_processes
-                out = work / f"{mode.strip('-')}-{devices.replace(',', '_').replace(':', '')}"
+                run = decode_processes if mode == "separate" else \
+                    functools.partial(decode, gpus_per_image=int(mode.split()[-1]) if " " in mode else 1)
+                out = work / f"{mode.strip('-').replace(' ', '')}-{devices.replace(',', '_').replace(':', '')}"
                 images = subset(latents, args.images_per_gpu * len(devices.split(",")))
                 r = run(registry, embeds, images, out, devices, backbone)
                 rate = r["steady_images_per_s"]

@@ -1,0 +1,171 @@
+"""One image split across devices (`Decoder(helper_devices=...)`, `pid decode --gpus-per-image N`), run here on
+CPU devices over gloo: each device keeps its share of every attention's heads (model/heads.py), helper
+processes run the same sampler in step (split.py). The split decode is the one-device decode, bit for bit; a
+helper lost mid-decode fails that decode with the device named, and the next decode starts fresh helpers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_config, tiny_flux_entry
+from test_faults import args, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
+
+from pid_cli import pipeline
+from pid_cli.model import PiDNet, load_weights
+from pid_cli.model.heads import HeadShard
+from pid_cli.registry import load_registry
+from pid_cli.runner import DecodeJob
+from pid_cli.workers import worker_jobs
+
+DIE_MARKER = "PID_TEST_HELPER_DIES_IF"  # a file: the helper that finds it deletes it and exits mid-decode
+
+
+@pytest.fixture
+def entry(tmp_path):
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"version": 1, "entries": [tiny_flux_entry()]}))
+    return load_registry([reg]).resolve("flux", "tiny")
+
+
+def inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 16, 3, 2, generator=gen), torch.randn(batch, 12, 32, generator=gen)
+
+
+def no_helpers_left(timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not multiprocessing.active_children()
+
+
+def test_a_shard_keeps_the_qkv_rows_of_its_heads_only(entry):
+    with torch.device("meta"):
+        whole = PiDNet(**entry.net_config)
+    load_weights(whole, entry.weights.path)
+    attention = whole.patch_blocks[0].attn
+    rows = attention.qkv_x.weight.unflatten(0, (3, 2, -1))  # [q/k/v, heads, head_dim, in]
+    with torch.device("meta"):
+        half = PiDNet(**entry.net_config)
+    load_weights(half, entry.weights.path)
+    half.split_heads(HeadShard(rank=1, world=2, group="unused"))
+    kept = half.patch_blocks[0].attn
+    assert kept.heads == 1 and torch.equal(kept.qkv_x.weight, rows[:, 1:].flatten(0, 2))
+    assert half.pixel_blocks[0].attn.qkv.weight.shape[0] == whole.pixel_blocks[0].attn.qkv.weight.shape[0] // 2
+    with pytest.raises(ValueError, match="2 heads"):
+        whole.split_heads(HeadShard(rank=0, world=4, group="unused"))
+
+
+def test_an_image_split_across_two_devices_is_the_one_device_image(entry):
+    latent, text = inputs()
+    single = pipeline.Decoder(entry, entry.weights.path, device="cpu")
+    one = single.decode(latent, prompt_embeds=text, seed=5)
+    one_deep = single.decode(latent[:1], prompt_embeds=text[:1], seed=[5], bit_depth=16)
+    with pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu"]) as split:
+        first = split.decode(latent, prompt_embeds=text, seed=5)
+        second = split.decode(latent[:1], prompt_embeds=text[:1], seed=[5], bit_depth=16)
+        helpers = list(split._helpers.helpers)
+        assert len(helpers) == 1 and helpers[0].is_alive()
+    assert np.array_equal(first, one)
+    assert np.array_equal(second, one_deep)
+    assert helpers[0].exitcode == 0 and no_helpers_left()  # close() stopped it cleanly
+
+
+def test_heads_that_do_not_divide_are_refused_before_any_helper_starts(entry):
+    with pytest.raises(ValueError, match=r"3 GPUs.*2 heads"):
+        pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu", "cpu"])
+    assert not multiprocessing.active_children()
+
+
+def dying_build(*args, **kwargs):
+    """pipeline.build_network, except that the helper (rank 1) exits in the middle of a decode once (the marker
+    file is the test's order); the helper process finds this function by name, in this module."""
+    net = REAL_BUILD(*args, **kwargs)
+    shard = args[3] if len(args) > 3 else kwargs.get("shard")
+    marker = Path(os.environ[DIE_MARKER])
+    if shard is not None and shard.rank == 1:
+        velocity, calls = net.velocity, []
+
+        def velocity_or_die(*a, **k):
+            calls.append(1)
+            if len(calls) % 4 == 2 and marker.exists():  # a decode's second sampler step: mid-decode
+                marker.unlink()
+                os._exit(3)
+            return velocity(*a, **k)
+
+        net.velocity = velocity_or_die
+    return net
+
+
+REAL_BUILD = pipeline.build_network
+
+
+def test_a_helper_lost_mid_decode_fails_that_decode_naming_its_device_and_the_next_decode_works(
+        entry, tmp_path, monkeypatch):
+    marker = tmp_path / "die"
+    monkeypatch.setenv(DIE_MARKER, str(marker))  # spawned helpers inherit it
+    monkeypatch.setattr(pipeline, "build_network", dying_build)
+    latent, text = inputs(1)
+    one = pipeline.Decoder(entry, entry.weights.path, device="cpu").decode(latent, prompt_embeds=text, seed=1)
+    with pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu"]) as split:
+        assert np.array_equal(split.decode(latent, prompt_embeds=text, seed=1), one)
+        marker.touch()
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"helper process on cpu .*exited with code 3.*next one starts new"):
+            split.decode(latent, prompt_embeds=text, seed=1)
+        assert time.monotonic() - start < 30 and not marker.exists()  # it did die, and was noticed promptly
+        assert np.array_equal(split.decode(latent, prompt_embeds=text, seed=1), one)  # on a fresh helper
+        for helper in split._helpers.helpers:  # a helper dying between decodes: the next one restarts first
+            helper.kill()
+            helper.join()
+        assert np.array_equal(split.decode(latent, prompt_embeds=text, seed=1), one)
+    assert no_helpers_left()
+
+
+def test_worker_jobs_group_devices_by_gpus_per_image():
+    devices = [torch.device(f"cuda:{i}") for i in range(4)]
+    job = DecodeJob(inputs=[], out=Path("out"), entry=None, weights=None, devices=devices, gpus_per_image=2)
+    jobs = worker_jobs(job)
+    assert [j.devices for j in jobs] == [devices[:2], devices[2:]]
+    assert [j.shard for j in jobs] == [(0, 2), (1, 2)] and all(j.gpus_per_image == 2 for j in jobs)
+
+
+def test_pid_decode_gpus_per_image_writes_the_one_device_pngs(tiny):  # noqa: F811
+    latents(tiny, 3, shape=(16, 2, 3))
+    one = tiny["root"] / "one"
+    result, _ = run_cli([*args(tiny, "--devices", "cpu"), "--out", str(one)])
+    assert result.exit_code == 0, result.output
+    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--gpus-per-image", "2", "--json"))
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in records] == ["ok"] * 3
+    expected, got = pngs(one), pngs(tiny["out"])
+    assert sorted(got) == sorted(expected) and len(expected) == 3
+    assert all(np.array_equal(got[name], expected[name]) for name in expected)
+    assert no_helpers_left()
+
+
+@pytest.mark.parametrize(("devices", "n", "message"), [
+    ("cpu,cpu,cpu", "2", "--gpus-per-image 2 must divide the 3 device"),
+    ("cpu", "2", "--gpus-per-image 2 must divide the 1 device"),
+    ("cpu,cpu,cpu", "3", "3 GPUs.*2 heads"),
+])
+def test_gpus_per_image_that_cannot_be_arranged_is_a_usage_error(tiny, devices, n, message):  # noqa: F811
+    latents(tiny, 1)
+    result, _ = run_cli(args(tiny, "--devices", devices, "--gpus-per-image", n))
+    assert result.exit_code == 2
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert not tiny["out"].exists() or not any(tiny["out"].iterdir())
+
+
+def test_tiny_config_has_the_head_counts_these_tests_assume():
+    config = tiny_config("v1_flux")
+    assert PiDNet.attention_heads(config) == (2, 2)
+    assert PiDNet.attention_heads({}) == (24, 16)  # the released networks' defaults
