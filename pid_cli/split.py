@@ -9,7 +9,8 @@ at each attention's all-gather. Helpers throw their images away.
 Failures: a helper that raises exits; a helper whose leader is gone exits. The leader watches its helpers: when
 one exits, the group is aborted, so the leader's decode fails with the helper's exit code instead of waiting
 forever. A failed decode (the leader's own error too, such as running out of memory) ends the group; the next
-decode starts fresh helpers.
+decode starts fresh helpers. Helpers ignore SIGINT and SIGTERM, which a terminal or a scheduler sends to every
+process: the leader finishes the decode in flight and stops them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -122,7 +124,7 @@ class HelperGroup:
             time.sleep(0.05)
 
     def close(self, stop_helpers: bool = True) -> None:
-        """End the group: tell the helpers to stop (after a failure: terminate them) and leave it."""
+        """End the group: tell the helpers to stop (after a failure: kill them) and leave it."""
         if not self.helpers:
             return
         self._closing.set()
@@ -133,7 +135,7 @@ class HelperGroup:
         deadline = time.monotonic() + 30
         for helper in self.helpers:
             if not stop_helpers or self.failure is not None:
-                helper.terminate()
+                helper.kill()  # helpers ignore SIGTERM (see _helper_main) and hold nothing worth saving
             helper.join(max(0.0, deadline - time.monotonic()))
             if helper.exitcode is None:
                 helper.kill()
@@ -213,6 +215,10 @@ def _helper_main(build: Build, devices: Sequence[torch.device], rank: int, store
             time.sleep(POLL_S)
         os._exit(1)  # the leader is gone: nobody will ever send the next decode
 
+    # A terminal's Ctrl-C, or a scheduler's SIGTERM to every process of a job, reaches helpers too: the leader
+    # decides (it finishes the images in flight, then stops them); a helper dies only with its leader or SIGKILL.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=watch_leader, daemon=True).start()
     try:
         device = devices[rank]

@@ -5,9 +5,13 @@ helper lost mid-decode fails that decode with the device named, and the next dec
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, tiny_flux_entry
-from test_faults import args, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
+from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
+from test_workers import _alive, _children, _wait_for_pngs
 
 from pid_cli import pipeline
 from pid_cli.model import PiDNet, load_weights
@@ -169,3 +174,21 @@ def test_tiny_config_has_the_head_counts_these_tests_assume():
     config = tiny_config("v1_flux")
     assert PiDNet.attention_heads(config) == (2, 2)
     assert PiDNet.attention_heads({}) == (24, 16)  # the released networks' defaults
+
+
+def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny):  # noqa: F811
+    n = 16
+    latents(tiny, n, shape=(16, 6, 6))
+    proc = subprocess.Popen([sys.executable, "-m", "pid_cli.cli", *args(tiny, "--devices", "cpu,cpu",
+                                                                          "--gpus-per-image", "2", "--json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_pngs(tiny, proc, 2)
+    helpers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group, helpers included
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
+    assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny["out"])) < n
+    assert not any("helper" in (r["error"] or "") for r in records), records  # no decode lost to a helper
+    assert hidden(tiny["out"]) == [] and helpers and not any(_alive(pid) for pid in helpers)
