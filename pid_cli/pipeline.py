@@ -147,16 +147,17 @@ class HostPixels:
         return _png_levels(self._levels[index].numpy())
 
 
-def build_network(entry: Entry, weights: Path, device: torch.device, shard: HeadShard | None = None, *,
-                  dtype: torch.dtype, attention: str, matmul: str, compile: bool) -> PiDNet:
-    """The checkpoint's network on `device`, in the given arithmetic, compiled or not; with `shard`, holding
-    only that device's attention heads (one image split across GPUs, split.py)."""
+def build_network(net_config: dict, weights: str, device: torch.device, shard: HeadShard | None = None, *,
+                  dtype: str, attention: str, matmul: str, compile: bool) -> PiDNet:
+    """The checkpoint's network on `device`, in the given arithmetic (`dtype` names a torch dtype), compiled or
+    not; with `shard`, holding only that device's attention heads (one image split across GPUs, split.py).
+    Plain arguments: split.py hands them to its helper processes as JSON."""
     if matmul not in MATMUL_MODES:
         raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
     with torch.device("meta"):
-        net = PiDNet(**entry.net_config)
+        net = PiDNet(**net_config)
     load_weights(net, weights)  # adopts the file's tensors: no random init, no second copy
-    net = net.to_inference_dtype(dtype)
+    net = net.to_inference_dtype(getattr(torch, dtype))
     if shard is not None:
         net.split_heads(shard)  # before the move: the other devices' rows never reach this one
     net = net.to(device).eval().requires_grad_(False)
@@ -198,8 +199,9 @@ class Decoder:
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.text_encoder = text_encoder
         self.compiled = compile if compile is not None else self.device.type == "cuda" and layers.HAS_TRITON
-        build = functools.partial(build_network, entry, self.weights, dtype=self.dtype, attention=attention,
-                                  matmul=matmul, compile=self.compiled)
+        build = functools.partial(build_network, entry.net_config, str(self.weights),
+                                  dtype=str(self.dtype).removeprefix("torch."), attention=attention, matmul=matmul,
+                                  compile=self.compiled)
         self._helpers: HelperGroup | None = None
         shard = None
         if helper_devices:

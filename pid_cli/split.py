@@ -6,26 +6,34 @@ it broadcasts the decode's inputs, the noise and every re-noising draw included 
 generators and every device samples the same numbers), and every process then runs the same sampler, meeting
 at each attention's all-gather. Helpers throw their images away.
 
-Failures: a helper that raises exits; a helper whose leader is gone exits. The leader watches its helpers: when
-one exits, the group is aborted, so the leader's decode fails with the helper's exit code instead of waiting
-forever. A failed decode (the leader's own error too, such as running out of memory) ends the group; the next
-decode starts fresh helpers. Helpers ignore SIGINT and SIGTERM, which a terminal or a scheduler sends to every
-process: the leader finishes the decode in flight and stops them.
+Helpers are fresh interpreters (`python -c HELPER_MAIN`), told what to build in a JSON file: multiprocessing's
+spawn would re-run the user's script in each of them.
+
+Failures: a helper that raises exits (one that does so while starting up fails the Decoder at once); a helper
+whose leader is gone exits. The leader watches its helpers: when one exits, the group is aborted, so the
+leader's decode fails with the helper's exit code instead of waiting forever. A failed decode (the leader's own
+error too, such as running out of memory) ends the group; the next decode starts fresh helpers. Helpers ignore
+SIGINT and SIGTERM, which a terminal or a scheduler sends to every process: the leader finishes the decode in
+flight and stops them.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
-import multiprocessing
+import functools
+import importlib
+import json
 import os
 import shutil
-import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +48,8 @@ TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a p
 DECODE, STOP = 1, 0
 HEADER = 10  # command, latent [b, C, h, w], image [H, W], text [T, D], timesteps
 
-Build = Callable[[torch.device, HeadShard], Any]  # (device, shard) → the network, ready to decode
+# (device, shard) → the network, ready to decode: a partial of a module-level function with JSON arguments
+Build = functools.partial
 
 
 @dataclass
@@ -64,8 +73,9 @@ class HelperGroup:
         if len(set(devices)) != len(devices) and devices[0].type == "cuda":
             raise ValueError(f"one image split across GPUs needs distinct GPUs, got {', '.join(map(str, devices))}")
         self.devices = list(devices)
-        self.build = build  # must pickle: a module-level function or a functools.partial of one
-        self.helpers: list[Any] = []
+        self.build = build
+        json.dumps(self._recipe())  # refuse a build the helpers could not be given now, not in a helper
+        self.helpers: list[subprocess.Popen] = []
         self.failure: str | None = None
         self._closing = threading.Event()
         self._store_dir: str | None = None
@@ -82,20 +92,42 @@ class HelperGroup:
         self.failure = None
         self._closing = threading.Event()  # this group's own: an earlier group's watcher may not have woken yet
         self._store_dir = tempfile.mkdtemp(prefix="pid-split-")
-        store_path = os.path.join(self._store_dir, "store")
-        world = len(self.devices)
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self.helpers = [context.Process(target=_helper_main, args=(self.build, self.devices, rank, store_path,
-                                                                   os.getpid()),
-                                        daemon=True, name=f"pid-helper-{self.devices[rank]}")
-                        for rank in range(1, world)]
-        for helper in self.helpers:
-            helper.start()
+        store_path, payload = (os.path.join(self._store_dir, name) for name in ("store", "helper.json"))
+        with open(payload, "w") as f:
+            json.dump(self._recipe(), f)
+        # fresh interpreters (see the module's docstring) that import what this process does through PYTHONPATH
+        path = os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")])
+        self.helpers = [subprocess.Popen([sys.executable, "-c", HELPER_MAIN, payload, str(rank), store_path,
+                                          str(os.getpid())], env={**os.environ, "PYTHONPATH": path})
+                        for rank in range(1, len(self.devices))]
+        atexit.register(self.close)  # a process that ends without close() stops its helpers too
+        self._await_helpers()
         threading.Thread(target=self._watch, args=(list(self.helpers), self._closing), daemon=True).start()
         shard = _join(self.devices, 0, store_path)
         if self.failure is not None:
             raise RuntimeError(self.failure)
         return shard
+
+    def _recipe(self) -> dict[str, Any]:
+        """What a helper needs, as JSON (no pickles: nothing in pid unpickles): the build function by name, its
+        arguments, the devices."""
+        func = self.build.func
+        return {"build": f"{func.__module__}:{func.__qualname__}", "args": list(self.build.args),
+                "kwargs": self.build.keywords, "devices": [str(d) for d in self.devices]}
+
+    def _await_helpers(self) -> None:
+        """Wait until every helper has started up and is about to join the group: the group's rendezvous would
+        wait out TIMEOUT for a helper that died before it (an import or unpickling error)."""
+        waiting = set(range(1, len(self.devices)))
+        while waiting:
+            for rank in list(waiting):
+                if os.path.exists(_ready_path(self._store_dir, rank)):
+                    waiting.discard(rank)
+                elif (code := self.helpers[rank - 1].poll()) is not None:
+                    failure = f"{self._exited(rank, code)} while starting up (its error is above)"
+                    self.close(stop_helpers=False)
+                    raise RuntimeError(failure)
+            time.sleep(0.05)
 
     def send(self, inputs: DecodeInputs) -> None:
         """Broadcast one decode's inputs to the helpers (they then run it in step with this process)."""
@@ -117,8 +149,8 @@ class HelperGroup:
         deadline = time.monotonic() + wait_s
         while True:
             for rank, helper in enumerate(self.helpers, start=1):
-                if helper.exitcode is not None:
-                    return self._exited(rank, helper.exitcode)
+                if helper.poll() is not None:
+                    return self._exited(rank, helper.returncode)
             if time.monotonic() >= deadline:
                 return self.failure
             time.sleep(0.05)
@@ -127,6 +159,7 @@ class HelperGroup:
         """End the group: tell the helpers to stop (after a failure: kill them) and leave it."""
         if not self.helpers:
             return
+        atexit.unregister(self.close)
         self._closing.set()
         if stop_helpers and self.failure is None:
             with contextlib.suppress(Exception):
@@ -135,11 +168,12 @@ class HelperGroup:
         deadline = time.monotonic() + 30
         for helper in self.helpers:
             if not stop_helpers or self.failure is not None:
-                helper.kill()  # helpers ignore SIGTERM (see _helper_main) and hold nothing worth saving
-            helper.join(max(0.0, deadline - time.monotonic()))
-            if helper.exitcode is None:
+                helper.kill()  # helpers ignore SIGTERM (see HELPER_MAIN) and hold nothing worth saving
+            try:
+                helper.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 helper.kill()
-                helper.join()
+                helper.wait()
         with contextlib.suppress(Exception):
             if self.failure is None and stop_helpers:
                 dist.destroy_process_group()
@@ -151,16 +185,15 @@ class HelperGroup:
             shutil.rmtree(self._store_dir, ignore_errors=True)
             self._store_dir = None
 
-    def _watch(self, helpers: list[Any], closing: threading.Event) -> None:
+    def _watch(self, helpers: list[subprocess.Popen], closing: threading.Event) -> None:
         while not closing.is_set():
             for rank, helper in enumerate(helpers, start=1):
-                if helper.exitcode is not None and not closing.is_set():
-                    self.failure = self._exited(rank, helper.exitcode)
+                if helper.poll() is not None and not closing.is_set():
+                    self.failure = self._exited(rank, helper.returncode)
                     with contextlib.suppress(Exception):  # unblock this process's collectives
                         dist.distributed_c10d._abort_process_group()
                     return
             time.sleep(POLL_S)
-
 
     def _exited(self, rank: int, code: int) -> str:
         return (f"the helper process on {self.devices[rank]} (one image split across {len(self.devices)} devices) "
@@ -179,6 +212,10 @@ def _join(devices: Sequence[torch.device], rank: int, store_path: str) -> HeadSh
     dist.init_process_group("nccl" if cuda else "gloo", store=dist.FileStore(store_path, len(devices)), rank=rank,
                             world_size=len(devices), timeout=TIMEOUT, device_id=device if cuda else None)
     return HeadShard(rank, len(devices), dist.group.WORLD.group_name)
+
+
+def _ready_path(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"ready-{rank}")
 
 
 def _tensors(inputs: DecodeInputs) -> list[Tensor]:
@@ -206,23 +243,34 @@ def _receive(device: torch.device) -> DecodeInputs | None:
     return DecodeInputs(noise, eps, text, latent, sigma, take((n_t,), torch.float64).tolist())
 
 
-def _helper_main(build: Build, devices: Sequence[torch.device], rank: int, store_path: str, leader: int) -> None:
+# A terminal's Ctrl-C, or a scheduler's SIGTERM to every process of a job, reaches helpers too: the leader decides
+# (it finishes the images in flight, then stops them), so a helper ignores both from its first line on and dies
+# only with its leader or by SIGKILL.
+HELPER_MAIN = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, "
+               "signal.SIG_IGN); import sys; from pid_cli.split import helper_main; helper_main(*sys.argv[1:])")
+
+
+def helper_main(payload: str, rank: str, store_path: str, leader: str) -> None:
+    """A helper process's life: join the group, build its share of the network, run decodes until told to stop."""
     from pid_cli.model.layers import fast_attention
     from pid_cli.sampler import sample
 
     def watch_leader() -> None:
-        while os.getppid() == leader:
+        while os.getppid() == int(leader):
             time.sleep(POLL_S)
         os._exit(1)  # the leader is gone: nobody will ever send the next decode
 
-    # A terminal's Ctrl-C, or a scheduler's SIGTERM to every process of a job, reaches helpers too: the leader
-    # decides (it finishes the images in flight, then stops them); a helper dies only with its leader or SIGKILL.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=watch_leader, daemon=True).start()
     try:
-        device = devices[rank]
-        shard = _join(devices, rank, store_path)
+        with open(payload) as f:
+            recipe = json.load(f)
+        module, _, name = recipe["build"].partition(":")
+        build = functools.partial(getattr(importlib.import_module(module), name), *recipe["args"],
+                                  **recipe["kwargs"])
+        devices = [torch.device(d) for d in recipe["devices"]]
+        open(_ready_path(os.path.dirname(payload), int(rank)), "w").close()
+        device = devices[int(rank)]
+        shard = _join(devices, int(rank), store_path)
         net = build(device, shard)
         while (inputs := _receive(device)) is not None:
             with torch.inference_mode(), fast_attention():

@@ -6,13 +6,13 @@ helper lost mid-decode fails that decode with the device named, and the next dec
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +45,16 @@ def inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 16, 3, 2, generator=gen), torch.randn(batch, 12, 32, generator=gen)
 
 
-def no_helpers_left(timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while multiprocessing.active_children() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not multiprocessing.active_children()
+def helper_pids() -> set[int]:
+    """This process's living children that run a split decoder's helper."""
+    found = set()
+    for pid in _children(os.getpid()):
+        try:
+            if b"pid_cli.split" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid):
+                found.add(pid)
+        except OSError:
+            pass
+    return found
 
 
 def test_a_shard_keeps_the_qkv_rows_of_its_heads_only(entry):
@@ -78,16 +83,16 @@ def test_an_image_split_across_two_devices_is_the_one_device_image(entry):
         first = split.decode(latent, prompt_embeds=text, seed=5)
         second = split.decode(latent[:1], prompt_embeds=text[:1], seed=[5], bit_depth=16)
         helpers = list(split._helpers.helpers)
-        assert len(helpers) == 1 and helpers[0].is_alive()
+        assert len(helpers) == 1 and helper_pids() == {helpers[0].pid}
     assert np.array_equal(first, one)
     assert np.array_equal(second, one_deep)
-    assert helpers[0].exitcode == 0 and no_helpers_left()  # close() stopped it cleanly
+    assert helpers[0].returncode == 0 and not helper_pids()  # close() stopped it cleanly
 
 
 def test_heads_that_do_not_divide_are_refused_before_any_helper_starts(entry):
     with pytest.raises(ValueError, match=r"3 GPUs.*2 heads"):
         pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu", "cpu"])
-    assert not multiprocessing.active_children()
+    assert not helper_pids()
 
 
 def dying_build(*args, **kwargs):
@@ -130,9 +135,9 @@ def test_a_helper_lost_mid_decode_fails_that_decode_naming_its_device_and_the_ne
         assert np.array_equal(split.decode(latent, prompt_embeds=text, seed=1), one)  # on a fresh helper
         for helper in split._helpers.helpers:  # a helper dying between decodes: the next one restarts first
             helper.kill()
-            helper.join()
+            helper.wait()
         assert np.array_equal(split.decode(latent, prompt_embeds=text, seed=1), one)
-    assert no_helpers_left()
+    assert not helper_pids()
 
 
 def test_worker_jobs_group_devices_by_gpus_per_image():
@@ -154,7 +159,7 @@ def test_pid_decode_gpus_per_image_writes_the_one_device_pngs(tiny):  # noqa: F8
     expected, got = pngs(one), pngs(tiny["out"])
     assert sorted(got) == sorted(expected) and len(expected) == 3
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
-    assert no_helpers_left()
+    assert not helper_pids()
 
 
 @pytest.mark.parametrize(("devices", "n", "message"), [
@@ -192,3 +197,28 @@ def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny):  # noqa
     assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny["out"])) < n
     assert not any("helper" in (r["error"] or "") for r in records), records  # no decode lost to a helper
     assert hidden(tiny["out"]) == [] and helpers and not any(_alive(pid) for pid in helpers)
+
+
+def test_a_plain_script_without_main_guard_or_close_decodes_split_and_exits(entry, tmp_path):
+    script = tmp_path / "render.py"  # helpers must not re-run it (multiprocessing's spawn would)
+    script.write_text(f"import sys, torch; sys.path[:0] = {sys.path[:1]!r}\n"
+                      "from pid_cli.pipeline import Decoder\n"
+                      "from pid_cli.registry import load_registry\n"
+                      f"entry = load_registry([{str(entry.source)!r}]).resolve('flux', 'tiny')\n"
+                      "dec = Decoder(entry, entry.weights.path, device='cpu', helper_devices=['cpu'])\n"
+                      "dec.decode(torch.zeros(1, 16, 2, 2), prompt_embeds=torch.zeros(1, 12, 32))\n"
+                      "print(dec._helpers.helpers[0].pid)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split()) == 1 and not _alive(int(done.stdout))  # one decoder, its helper gone
+
+
+def test_a_helper_that_cannot_start_fails_the_decoder_at_once(entry, monkeypatch):
+    ghost = types.ModuleType("pid_test_ghost")  # importable here only: the helper's unpickling fails
+    exec("def build(*args, **kwargs):\n    raise AssertionError('never called')", ghost.__dict__)
+    monkeypatch.setitem(sys.modules, "pid_test_ghost", ghost)
+    monkeypatch.setattr(pipeline, "build_network", ghost.build)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"helper process on cpu .*exited with code 1 while starting up"):
+        pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu"])
+    assert time.monotonic() - start < 60 and not helper_pids()  # not the group's 10-minute rendezvous timeout
