@@ -52,6 +52,7 @@ from pid_cli.model.heads import check_divides
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
 from pid_cli.pipeline import Decoder, HostPixels, finite_items, resolve_device, to_uint
 from pid_cli.registry import Entry
+from pid_cli.split import check_distinct_gpus
 
 if TYPE_CHECKING:
     from pid_cli.vae import LatentCodec
@@ -256,6 +257,8 @@ def _check_gpus_per_image(job: DecodeJob) -> None:
                          f"({', '.join(map(str, job.devices))}) into groups of equal size")
     if n > 1:
         check_divides(n, PiDNet.attention_heads(job.entry.net_config))
+        for i in range(0, len(job.devices), n):
+            check_distinct_gpus(job.devices[i:i + n])
 
 
 def _check_baseline_options(job: DecodeJob) -> None:

@@ -70,8 +70,7 @@ class HelperGroup:
     torch.distributed allows one default process group per process, hence one split decoder per process."""
 
     def __init__(self, devices: Sequence[torch.device], build: Build):
-        if len(set(devices)) != len(devices) and devices[0].type == "cuda":
-            raise ValueError(f"one image split across GPUs needs distinct GPUs, got {', '.join(map(str, devices))}")
+        check_distinct_gpus(devices)
         self.devices = list(devices)
         self.build = build
         json.dumps(self._recipe())  # refuse a build the helpers could not be given now, not in a helper
@@ -198,6 +197,13 @@ class HelperGroup:
     def _exited(self, rank: int, code: int) -> str:
         return (f"the helper process on {self.devices[rank]} (one image split across {len(self.devices)} devices) "
                 f"exited with code {code}")
+
+
+def check_distinct_gpus(devices: Sequence[torch.device]) -> None:
+    """NCCL puts one process on each GPU: one image's GPUs must differ ("cuda" is the current one)."""
+    indices = [torch.cuda.current_device() if d.index is None else d.index for d in devices if d.type == "cuda"]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"one image split across GPUs needs distinct GPUs, got {', '.join(map(str, devices))}")
 
 
 def _comm_device(device: torch.device) -> torch.device:

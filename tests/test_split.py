@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from conftest import tiny_config, tiny_flux_entry
 from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
 from test_workers import _alive, _children, _wait_for_pngs
 
-from pid_cli import pipeline
+from pid_cli import pipeline, runner
 from pid_cli.model import PiDNet, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.registry import load_registry
@@ -160,6 +161,16 @@ def test_pid_decode_gpus_per_image_writes_the_one_device_pngs(tiny):  # noqa: F8
     assert sorted(got) == sorted(expected) and len(expected) == 3
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
     assert not helper_pids()
+
+
+def test_one_images_gpus_must_be_distinct():
+    gpus = [torch.device(d) for d in ("cuda:0", "cuda:1", "cuda:2", "cuda:2")]
+    job = DecodeJob(inputs=[], out=Path("out"), entry=types.SimpleNamespace(net_config={}), weights=None,
+                    devices=gpus, gpus_per_image=2)
+    with pytest.raises(ValueError, match="distinct GPUs, got cuda:2, cuda:2"):
+        runner._check_gpus_per_image(job)
+    runner._check_gpus_per_image(replace(job, devices=[gpus[i] for i in (0, 1, 2, 1)]))  # two pairs, each distinct
+    runner._check_gpus_per_image(replace(job, devices=[torch.device("cpu")] * 2))  # CPU ranks share the CPU
 
 
 @pytest.mark.parametrize(("devices", "n", "message"), [
