@@ -180,8 +180,8 @@ class Decoder:
 
     With `helper_devices`, every attention's heads are spread over `device` and them (one helper process each,
     split.py): each image takes less time, at the cost of the GPUs' total throughput (the rest of the network
-    runs on each of them, and the step is not replayed from a CUDA graph). Call `close()` (or use the decoder
-    as a context manager) to stop the helpers before the process ends.
+    runs on each of them, and the step is not replayed from a CUDA graph). `close()`, or leaving the decoder's
+    `with` block, stops the helpers (the end of the process does too).
     """
 
     def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
