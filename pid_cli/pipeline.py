@@ -19,12 +19,12 @@ from torch import Tensor
 
 from pid_cli import paths
 from pid_cli.model import PiDNet, layers, load_weights
-from pid_cli.model.heads import HeadShard, check_divides
+from pid_cli.model.heads import HeadShard
 from pid_cli.model.layers import fast_attention
 from pid_cli.model.linear8 import MATMUL_MODES
 from pid_cli.registry import Entry
 from pid_cli.sampler import draw_noise, sample, schedule
-from pid_cli.split import DecodeInputs, HelperGroup
+from pid_cli.split import DecodeInputs, HelperGroup, check_split
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -206,7 +206,7 @@ class Decoder:
         shard = None
         if helper_devices:
             devices = [self.device, *(resolve_device(d) for d in helper_devices)]
-            check_divides(len(devices), PiDNet.attention_heads(entry.net_config))  # before any helper starts
+            check_split(devices, entry.net_config)
             self._helpers = HelperGroup(devices, build)
             shard = self._helpers.start()
         try:

@@ -47,12 +47,11 @@ from pid_cli.latents import (
     to_training_frame,
     training_sigma,
 )
-from pid_cli.model import PiDNet, layers
-from pid_cli.model.heads import check_divides
+from pid_cli.model import layers
 from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
 from pid_cli.pipeline import Decoder, HostPixels, finite_items, resolve_device, to_uint
 from pid_cli.registry import Entry
-from pid_cli.split import check_distinct_gpus
+from pid_cli.split import check_split
 
 if TYPE_CHECKING:
     from pid_cli.vae import LatentCodec
@@ -255,10 +254,8 @@ def _check_gpus_per_image(job: DecodeJob) -> None:
     if n < 1 or len(job.devices) % n:
         raise InputError(f"--gpus-per-image {n} must divide the {len(job.devices)} device(s) of --devices "
                          f"({', '.join(map(str, job.devices))}) into groups of equal size")
-    if n > 1:
-        check_divides(n, PiDNet.attention_heads(job.entry.net_config))
-        for i in range(0, len(job.devices), n):
-            check_distinct_gpus(job.devices[i:i + n])
+    for i in range(0, len(job.devices), n) if n > 1 else ():
+        check_split(job.devices[i:i + n], job.entry.net_config)
 
 
 def _check_baseline_options(job: DecodeJob) -> None:

@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pid_cli.model.heads import HeadShard
+from pid_cli.model import PiDNet
+from pid_cli.model.heads import HeadShard, check_divides
 
 POLL_S = 0.5
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a peer that neither runs nor dies
@@ -70,8 +71,7 @@ class HelperGroup:
     torch.distributed allows one default process group per process, hence one split decoder per process."""
 
     def __init__(self, devices: Sequence[torch.device], build: Build):
-        check_distinct_gpus(devices)
-        self.devices = list(devices)
+        self.devices = list(devices)  # check_split has accepted them
         self.build = build
         json.dumps(self._recipe())  # refuse a build the helpers could not be given now, not in a helper
         self.helpers: list[subprocess.Popen] = []
@@ -199,8 +199,10 @@ class HelperGroup:
                 f"exited with code {code}")
 
 
-def check_distinct_gpus(devices: Sequence[torch.device]) -> None:
-    """NCCL puts one process on each GPU: one image's GPUs must differ ("cuda" is the current one)."""
+def check_split(devices: Sequence[torch.device], net_config: dict) -> None:
+    """Refuse, before any process starts, one image on `devices` that cannot be: each attention's heads must
+    split evenly, and NCCL puts one process on each GPU, so the GPUs must differ ("cuda" is the current one)."""
+    check_divides(len(devices), PiDNet.attention_heads(net_config))
     indices = [torch.cuda.current_device() if d.index is None else d.index for d in devices if d.type == "cuda"]
     if len(set(indices)) != len(indices):
         raise ValueError(f"one image split across GPUs needs distinct GPUs, got {', '.join(map(str, devices))}")

@@ -167,7 +167,7 @@ def test_one_images_gpus_must_be_distinct():
     gpus = [torch.device(d) for d in ("cuda:0", "cuda:1", "cuda:2", "cuda:2")]
     job = DecodeJob(inputs=[], out=Path("out"), entry=types.SimpleNamespace(net_config={}), weights=None,
                     devices=gpus, gpus_per_image=2)
-    with pytest.raises(ValueError, match="distinct GPUs, got cuda:2, cuda:2"):
+    with pytest.raises(ValueError, match=r"distinct GPUs, got cuda:2, cuda:2$"):
         runner._check_gpus_per_image(job)
     runner._check_gpus_per_image(replace(job, devices=[gpus[i] for i in (0, 1, 2, 1)]))  # two pairs, each distinct
     runner._check_gpus_per_image(replace(job, devices=[torch.device("cpu")] * 2))  # CPU ranks share the CPU
