@@ -203,14 +203,12 @@ class Decoder:
                                   dtype=str(self.dtype).removeprefix("torch."), attention=attention, matmul=matmul,
                                   compile=self.compiled)
         self._helpers: HelperGroup | None = None
-        shard = None
         if helper_devices:
             devices = [self.device, *(resolve_device(d) for d in helper_devices)]
             check_split(devices, entry.net_config)
             self._helpers = HelperGroup(devices, build)
-            shard = self._helpers.start()
-        try:
-            self.net = build(self.device, shard)
+        try:  # a group that fails to form, or a network that fails to build, leaves no helper behind
+            self.net = build(self.device, self._helpers.start() if self._helpers else None)
         except BaseException:
             self.close()
             raise
@@ -297,9 +295,9 @@ class Decoder:
         helpers = self._helpers
         if helpers.lost_helper(wait_s=0) is not None:  # a helper died since the last decode
             helpers.close(stop_helpers=False)
-        if not helpers.started:  # that, or a failed decode, ended the group
-            self.net.split_heads_group(helpers.start())
         try:
+            if not helpers.started:  # that, or a failed decode, ended the group
+                self.net.split_heads_group(helpers.start())
             helpers.send(inputs)
             images = sample(self.net, inputs.noise, inputs.text, inputs.latent, inputs.sigma, t_list=inputs.t_list,
                             eps=inputs.eps)

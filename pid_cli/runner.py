@@ -254,8 +254,9 @@ def _check_gpus_per_image(job: DecodeJob) -> None:
     if n < 1 or len(job.devices) % n:
         raise InputError(f"--gpus-per-image {n} must divide the {len(job.devices)} device(s) of --devices "
                          f"({', '.join(map(str, job.devices))}) into groups of equal size")
-    for i in range(0, len(job.devices), n) if n > 1 else ():
-        check_split(job.devices[i:i + n], job.entry.net_config)
+    if n > 1:
+        for i in range(0, len(job.devices), n):
+            check_split(job.devices[i:i + n], job.entry.net_config)
 
 
 def _check_baseline_options(job: DecodeJob) -> None:

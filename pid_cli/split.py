@@ -102,9 +102,12 @@ class HelperGroup:
         atexit.register(self.close)  # a process that ends without close() stops its helpers too
         self._await_helpers()
         threading.Thread(target=self._watch, args=(list(self.helpers), self._closing), daemon=True).start()
-        shard = _join(self.devices, 0, store_path)
-        if self.failure is not None:
-            raise RuntimeError(self.failure)
+        try:
+            shard = _join(self.devices, 0, store_path)
+            self.check()
+        except BaseException:
+            self.close(stop_helpers=False)  # helpers that never formed a group have nothing to be told
+            raise
         return shard
 
     def _recipe(self) -> dict[str, Any]:
@@ -116,7 +119,7 @@ class HelperGroup:
 
     def _await_helpers(self) -> None:
         """Wait until every helper has started up and is about to join the group: the group's rendezvous would
-        wait out TIMEOUT for a helper that died before it (an import or unpickling error)."""
+        wait out TIMEOUT for a helper that died before it (an import error, a build function it cannot find)."""
         waiting = set(range(1, len(self.devices)))
         while waiting:
             for rank in list(waiting):

@@ -233,3 +233,16 @@ def test_a_helper_that_cannot_start_fails_the_decoder_at_once(entry, monkeypatch
     with pytest.raises(RuntimeError, match=r"helper process on cpu .*exited with code 1 while starting up"):
         pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu"])
     assert time.monotonic() - start < 60 and not helper_pids()  # not the group's 10-minute rendezvous timeout
+
+
+def test_a_group_that_fails_to_form_leaves_no_helper_behind(entry, monkeypatch):
+    from pid_cli import split
+
+    def no_group(*args):
+        raise RuntimeError("the rendezvous failed")
+
+    monkeypatch.setattr(split, "_join", no_group)  # in this process only: the helper joins and waits for it
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="the rendezvous failed"):
+        pipeline.Decoder(entry, entry.weights.path, device="cpu", helper_devices=["cpu"])
+    assert not helper_pids() and time.monotonic() - start < 20  # killed, not left waiting in the rendezvous
