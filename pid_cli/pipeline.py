@@ -214,6 +214,16 @@ class Decoder:
             raise
         self._warm_shapes: set[tuple[int, ...]] = set()
 
+    @property
+    def runtime(self) -> str:
+        """What a decode's exact pixels depend on besides its inputs and settings: the torch, the GPU model, the
+        weights' dtype and whether the network is compiled (eager and compiled code round differently; compiled
+        pixels repeat across processes, inductor.py). `pid decode` writes it, with the batch size, into each PNG."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        split = f" x{len(self._helpers.devices)}" if self._helpers else ""
+        return (f"torch {torch.__version__}, {name}{split}, {str(self.dtype).removeprefix('torch.')}, "
+                f"{'compiled' if self.compiled else 'eager'}")
+
     def close(self) -> None:
         """Stop the helper processes of a split decoder (nothing to do otherwise)."""
         if self._helpers is not None:

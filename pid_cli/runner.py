@@ -120,6 +120,7 @@ class Item:
     seed: int
     prompt: str = ""
     plan: ImagePlan | None = None  # image inputs: how the file becomes encoder input
+    runtime: str = ""  # set when decoded: `Decoder.runtime` and the batch size (what its exact pixels depend on)
 
 
 @dataclass
@@ -560,6 +561,8 @@ class _Session:
         text = torch.stack([self.text[item.prompt] for item in batch])
         images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
                                        [i.seed for i in batch], job.steps)  # [B, 3, H, W] in [-1, 1]
+        for item in batch:  # another batch size runs other kernels: a pixel may move by a level (README)
+            item.runtime = f"{decoder.runtime}, batch {len(batch)}"
         if not self.baselines:
             pixels = HostPixels(images, job.bit_depth)  # no wait for the GPU: the next batch queues behind
             return [_Pending(pixels, i) for i in range(len(batch))]
@@ -860,6 +863,8 @@ def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
             "pid:source": source}
     if item.plan is not None:
         text["pid:preprocess"] = item.plan.note
+    if item.runtime:
+        text["pid:runtime"] = item.runtime
     if job.attention != "bf16":
         text["pid:attention"] = job.attention
     if job.matmul != "bf16":

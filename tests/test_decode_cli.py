@@ -98,6 +98,12 @@ def test_deterministic_and_batch_invariant(setup, tmp_path):
         assert _run(_args(s, *extra))[0].exit_code == 0
         runs[label] = {p.name: _pixels(p) for p in s["out"].iterdir()}
     assert runs["b1"].keys() == runs["b3"].keys() and len(runs["b1"]) == 5
+    # each PNG says what its exact pixels depend on: batches of 3 and 2 here, fp32 eager on the CPU
+    runtime = {label: {n: Image.open(tmp_path / label / n).info["pid:runtime"] for n in runs["b1"]}
+               for label in ("b1", "b3")}
+    stem = f"torch {torch.__version__}, cpu, float32, eager, batch "
+    assert set(runtime["b1"].values()) == {stem + "1"}
+    assert sorted(runtime["b3"].values()) == [stem + "2"] * 2 + [stem + "3"] * 3
     for name in runs["b1"]:
         assert np.array_equal(runs["b1"][name], runs["again"][name])  # same command, same pixels
         assert np.abs(runs["b1"][name].astype(int) - runs["b3"][name]).max() <= 1  # fp32 batching round-off only

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, tiny_flux_entry
+from PIL import Image
 from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
 from test_workers import _alive, _children, _wait_for_pngs
 
@@ -160,6 +161,8 @@ def test_pid_decode_gpus_per_image_writes_the_one_device_pngs(tiny):  # noqa: F8
     expected, got = pngs(one), pngs(tiny["out"])
     assert sorted(got) == sorted(expected) and len(expected) == 3
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
+    runtime = {Image.open(path).info["pid:runtime"] for path in tiny["out"].glob("*.png")}
+    assert len(runtime) == 1 and ", cpu x2, float32, " in runtime.pop()  # the PNGs say the image was split
     assert not helper_pids()
 
 
