@@ -561,8 +561,9 @@ class _Session:
         text = torch.stack([self.text[item.prompt] for item in batch])
         images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
                                        [i.seed for i in batch], job.steps)  # [B, 3, H, W] in [-1, 1]
-        for item in batch:  # another batch size runs other kernels: a pixel may move by a level (README)
-            item.runtime = f"{decoder.runtime}, batch {len(batch)}"
+        runtime = f"{decoder.runtime}, batch {len(batch)}"  # another batch size may move a pixel by a level (README)
+        for item in batch:
+            item.runtime = runtime
         if not self.baselines:
             pixels = HostPixels(images, job.bit_depth)  # no wait for the GPU: the next batch queues behind
             return [_Pending(pixels, i) for i in range(len(batch))]
