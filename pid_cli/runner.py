@@ -250,14 +250,20 @@ def job_inputs(job: DecodeJob) -> list[InputSpec]:
     return take_shard(specs, *job.shard) if job.shard is not None else specs
 
 
+def device_groups(job: DecodeJob) -> list[list[torch.device]]:
+    """`job.devices` in groups of `gpus_per_image`, in order: one worker (one decoder) per group."""
+    n = job.gpus_per_image
+    return [job.devices[i:i + n] for i in range(0, len(job.devices), n)]
+
+
 def _check_gpus_per_image(job: DecodeJob) -> None:
     n = job.gpus_per_image
     if n < 1 or len(job.devices) % n:
         raise InputError(f"--gpus-per-image {n} must divide the {len(job.devices)} device(s) of --devices "
                          f"({', '.join(map(str, job.devices))}) into groups of equal size")
     if n > 1:
-        for i in range(0, len(job.devices), n):
-            check_split(job.devices[i:i + n], job.entry.net_config)
+        for group in device_groups(job):
+            check_split(group, job.entry.net_config)
 
 
 def _check_baseline_options(job: DecodeJob) -> None:

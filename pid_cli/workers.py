@@ -43,6 +43,7 @@ from pid_cli.runner import (
     Records,
     _install_signal_handlers,
     _Progress,
+    device_groups,
     job_inputs,
     run,
 )
@@ -54,8 +55,7 @@ def worker_jobs(job: DecodeJob) -> list[DecodeJob]:
     """One job per device (per group of `gpus_per_image` devices), each on its round-robin share of this run's
     shard."""
     k, n = job.shard or (0, 1)
-    size = job.gpus_per_image
-    groups = [job.devices[i:i + size] for i in range(0, len(job.devices), size)]
+    groups = device_groups(job)
     return [replace(job, devices=group, shard=(k + n * i, n * len(groups)), quiet=True, json_stdout=False,
                     manifest_out=None) for i, group in enumerate(groups)]
 
