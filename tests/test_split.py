@@ -23,7 +23,7 @@ import yaml
 from conftest import tiny_config, tiny_flux_entry
 from PIL import Image
 from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
-from test_workers import _alive, _children, _wait_for_pngs
+from test_workers import _alive, _all_gone, _children, _wait_for_pngs
 
 from pid_cli import pipeline, runner
 from pid_cli.model import PiDNet, load_weights
@@ -210,7 +210,7 @@ def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny):  # noqa
     assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
     assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny["out"])) < n
     assert not any("helper" in (r["error"] or "") for r in records), records  # no decode lost to a helper
-    assert hidden(tiny["out"]) == [] and helpers and not any(_alive(pid) for pid in helpers)
+    assert hidden(tiny["out"]) == [] and helpers and _all_gone(helpers)
 
 
 def test_a_plain_script_without_main_guard_or_close_decodes_split_and_exits(entry, tmp_path):
