@@ -536,18 +536,22 @@ class _Session:
         return sources, [item.sigma for item in batch]
 
     def _decode_with_retry(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
-                           sigmas: list[float]) -> Iterator[tuple[list[Item], list]]:
-        """Decode a batch; on out-of-memory split it in halves down to single images."""
+                           sigmas: list[float], pad: bool = True) -> Iterator[tuple[list[Item], list]]:
+        """Decode a batch (padded as `Decoder.padded_batch` says, unless `pad` is False); on out-of-memory retry it
+        unpadded, then split it in halves down to single images."""
         try:
-            results = self._decode_batch(decoder, codec, batch, sources, sigmas)
+            results = self._decode_batch(decoder, codec, batch, sources, sigmas, pad)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
+            if pad and decoder.padded_batch((len(batch), *batch[0].shape)) > len(batch):
+                yield from self._decode_with_retry(decoder, codec, batch, sources, sigmas, pad=False)
+                return
             if len(batch) == 1:
                 yield batch, [f"{batch[0].spec.path}: out of GPU memory even at batch size 1"]
                 return
             half = len(batch) // 2
-            yield from self._decode_with_retry(decoder, codec, batch[:half], sources[:half], sigmas[:half])
-            yield from self._decode_with_retry(decoder, codec, batch[half:], sources[half:], sigmas[half:])
+            yield from self._decode_with_retry(decoder, codec, batch[:half], sources[:half], sigmas[:half], False)
+            yield from self._decode_with_retry(decoder, codec, batch[half:], sources[half:], sigmas[half:], False)
             return
         except Exception as e:  # one bad batch must not end a farm run
             yield batch, [f"{item.spec.path}: decode failed ({type(e).__name__}: {e})" for item in batch]
@@ -555,7 +559,7 @@ class _Session:
         yield batch, results
 
     def _decode_batch(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
-                      sigmas: list[float]) -> list:
+                      sigmas: list[float], pad: bool) -> list:
         """Encode the batch's images, decode everything with PiD and, for baselines, with the VAE too.
 
         Returns per item a `_Pending` image (its pixels still on their way from the GPU) or a `Baseline`, for
@@ -565,9 +569,10 @@ class _Session:
         latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given
         frame = [to_training_frame(z, s, job.entry.latent.sigma_frame) for z, s in zip(latents, sigmas, strict=True)]
         text = torch.stack([self.text[item.prompt] for item in batch])
+        decoded = decoder.padded_batch(latents.shape) if pad else len(batch)  # images run, copies included
         images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
-                                       [i.seed for i in batch], job.steps)  # [B, 3, H, W] in [-1, 1]
-        runtime = f"{decoder.runtime}, batch {len(batch)}"  # another batch size may move a pixel by a level (README)
+                                       [i.seed for i in batch], job.steps, pad=pad)  # [B, 3, H, W] in [-1, 1]
+        runtime = f"{decoder.runtime}, batch {decoded}"  # another batch size may move a pixel by a level (README)
         for item in batch:
             item.runtime = runtime
         if not self.baselines:

@@ -223,6 +223,52 @@ def test_out_of_memory_retries_smaller_batches_then_single_images(tiny, monkeypa
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
+def test_a_compiled_runs_short_last_batch_is_padded_and_retried_unpadded_when_that_runs_out(tiny, monkeypatch):
+    """`--compile on` (the compiler stood in by a counter that runs the graphs as they are): 5 inputs in batches
+    of 2 run as 2, 2 and the last image padded to 2, which compiles nothing and says batch 2 in its PNG. When the
+    padded batch runs out of memory, its one image is retried alone before it would be called out of memory."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pid_cli.model import PiDNet
+
+    monkeypatch.setenv("PID_CACHE_DIR", str(tiny["root"] / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tiny["root"] / "inductor"))
+    counter = CompileCounter()
+    compile_blocks = PiDNet.compile_blocks
+    monkeypatch.setattr(PiDNet, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
+    latents(tiny, 5)
+    tiny["out"] = tiny["root"] / "eager"
+    assert run_cli(args(tiny, "--batch-size", "1"))[0].exit_code == 0
+    eager = pngs(tiny["out"])
+    ran, compiled, oom_at = [], [], {"call": None}
+    decode = Decoder.decode_tensor
+
+    def watched(self, latents, *a, pad=True, **kw):
+        ran.append(self.padded_batch(latents.shape) if pad else latents.shape[0])
+        if len(ran) == oom_at["call"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        images = decode(self, latents, *a, pad=pad, **kw)
+        compiled.append(counter.frame_count)
+        return images
+
+    monkeypatch.setattr(Decoder, "decode_tensor", watched)
+    for label, oom in (("padded", None), ("retried", 3)):
+        torch._dynamo.reset()
+        ran.clear(), compiled.clear()
+        oom_at["call"], tiny["out"] = oom, tiny["root"] / label
+        result, records = run_cli(args(tiny, "--batch-size", "2", "--compile", "on", "--json"))
+        assert result.exit_code == 0 and [r["status"] for r in records] == ["ok"] * 5
+        got = pngs(tiny["out"])
+        assert got.keys() == eager.keys() and all(np.abs(got[k].astype(int) - eager[k]).max() <= 1 for k in got)
+        runtime = [Image.open(tiny["out"] / name).info["pid:runtime"] for name in sorted(got)]
+        assert all(r.endswith("compiled, batch 2") for r in runtime[:4])
+        if oom is None:
+            assert ran == [2, 2, 2] and compiled[0] > 0 and compiled == compiled[:1] * 3  # the last compiles nothing
+            assert runtime[4].endswith("compiled, batch 2")
+        else:
+            assert ran == [2, 2, 2, 1] and runtime[4].endswith("compiled, batch 1")
+
+
 def test_out_of_memory_even_for_one_image_is_reported_per_input(tiny, monkeypatch):
     latents(tiny, 3)
 

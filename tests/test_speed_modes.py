@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+import yaml
+from conftest import tiny_config, tiny_flux_entry
 
 from pid_cli import pipeline
 from pid_cli.model import PiDNet, attention8, layers, linear8
@@ -266,6 +267,48 @@ def test_auto_batch_fills_the_gpu_once_per_output_size_and_no_further(monkeypatc
     assert [(len(b), b[0].shape) for b in batches] == [(4, latent(2048, 2048)), (2, latent(2048, 2048)),
                                                        (1, latent(4096, 4096)), (1, latent(4096, 4096)),
                                                        (1, latent(4096, 4096))]
+
+
+def test_a_short_last_batch_runs_as_a_compiled_full_one(tmp_path, monkeypatch):
+    """A compiled decoder runs a batch smaller than one it has compiled for the same latent size as that batch,
+    padded with copies of its last image: a run's last, short batch compiles nothing and the copies never come
+    out. Unpadded (`pad=False`, the out-of-memory retry) it compiles its own size; a new latent size, a larger
+    batch and an eager decoder run what they are given."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # counts the graphs handed to the compiler, then runs them eagerly
+    compile_blocks = PiDNet.compile_blocks
+    monkeypatch.setattr(PiDNet, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
+    ran = []  # batch size of every sampler run
+    sample = pipeline.sample
+    monkeypatch.setattr(pipeline, "sample", lambda net, noise, *a, **kw: ran.append(len(noise)) or sample(
+        net, noise, *a, **kw))
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"version": 1, "entries": [tiny_flux_entry()]}))
+    entry = load_registry([reg]).get("tiny-flux")
+    gen = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(4, 16, 2, 3, generator=gen), torch.randn(4, 12, 32, generator=gen)
+    torch._dynamo.reset()
+    dec = pipeline.Decoder(entry, entry.weights.path, compile=True)
+
+    full = dec.decode_tensor(latents, text, seeds=[10, 11, 12, 13])
+    compiled = counter.frame_count
+    assert compiled > 0 and dec.padded_batch((1, 16, 2, 3)) == dec.padded_batch((3, 16, 2, 3)) == 4
+    tail = dec.decode_tensor(latents[2:3], text[2:3], seeds=[12])
+    assert ran == [4, 4] and counter.frame_count == compiled  # padded to 4: nothing compiled
+    assert tail.shape == (1, 3, 64, 96) and torch.allclose(tail[0], full[2], atol=1e-5)
+    assert torch.allclose(dec.decode_tensor(latents[:2], text[:2], seeds=[10, 11]), full[:2], atol=1e-5)
+
+    unpadded = dec.decode_tensor(latents[2:3], text[2:3], seeds=[12], pad=False)
+    assert ran[-1] == 1 and counter.frame_count > compiled
+    assert torch.allclose(unpadded, tail, atol=1e-4)  # the same image up to batch-size rounding (~3e-5 here)
+    assert dec.padded_batch((1, 16, 2, 3)) == 1  # compiled now: its own size
+    assert dec.padded_batch((5, 16, 2, 3)) == 5 and dec.padded_batch((1, 16, 3, 3)) == 1
+    eager = pipeline.Decoder(entry, entry.weights.path, compile=False)
+    eager.decode_tensor(latents, text, seeds=[10, 11, 12, 13])
+    assert eager.padded_batch((1, 16, 2, 3)) == 1
+    eager.decode_tensor(latents[:1], text[:1], seeds=[10])
+    assert ran[-1] == 1
 
 
 def test_a_gpu_without_triton_decodes_eager_and_refuses_compile_on_by_name(monkeypatch):
