@@ -271,7 +271,7 @@ class Decoder:
 
         Why: the compiled network and its CUDA graphs are per shape, so a run's last, short batch would compile
         again and capture another graph, where each copy costs one image's decode (~0.3 s at 2K). Nine 2K images
-        in batches of 4 took 17-22 s less with cold compile caches, 1-3.5 s less with warm ones (H200,
+        in batches of 4 took 17-22 s less with cold compile caches, 1-8 s less with warm ones (H200,
         BENCHMARKS.md)."""
         b, *latent = shape
         if not self.compiled or tuple(shape) in self._warm_shapes:
