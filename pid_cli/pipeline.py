@@ -264,30 +264,18 @@ class Decoder:
         return embed_prompts(list(prompts), prompt_embeds=prompt_embeds, text_encoder=self.text_encoder,
                              device=self.device, model_max_length=self.entry.net_config["txt_max_length"])
 
-    def padded_batch(self, shape: Sequence[int]) -> int:
-        """How many images a decode of latents of `shape` [B, C, h, w] runs: B, or on a compiled decoder that has
-        not compiled B for this latent size, the smallest larger batch it has (the extra images are copies of the
-        last one, dropped after the decode).
-
-        Why: the compiled network and its CUDA graphs are per shape, so a run's last, short batch would compile
-        again and capture another graph, where each copy costs one image's decode (~0.3 s at 2K). Nine 2K images
-        in batches of 4 took 17-22 s less with cold compile caches, 1-8 s less with warm ones (H200,
-        BENCHMARKS.md)."""
-        b, *latent = shape
-        if not self.compiled or tuple(shape) in self._warm_shapes:
-            return b
-        return min((s[0] for s in self._warm_shapes if list(s[1:]) == latent and s[0] > b), default=b)
-
     @torch.inference_mode()
     def decode_tensor(self, latents: Tensor, text: Tensor, degrade_sigma: float | Sequence[float] = 0.0,
-                      seeds: int | Sequence[int] = 0, steps: int = 4, pad: bool = True) -> Tensor:
+                      seeds: int | Sequence[int] = 0, steps: int = 4, pad_to: int | None = None) -> Tensor:
         """Latents [B, C, h, w] (normalised) + text [B, T, D] → images [B, 3, H, W] in [-1, 1].
 
         Each item draws its noise from its own generator seeded `seeds[i]` (an int gives
         seed + i), so an image never depends on what else is in the batch; at batch 1 the
-        draws are upstream's (noise, then one ε per step) for the same seed. A compiled decoder
-        runs `padded_batch(latents.shape)` images (`pad=False`: B, e.g. to retry a batch that
-        ran out of memory in smaller pieces).
+        draws are upstream's (noise, then one ε per step) for the same seed.
+
+        `pad_to` > B runs the batch as one of `pad_to` images, copies of the last filling it
+        (dropped after). Why: compiled code and CUDA graphs are per shape, so `pid decode` runs
+        a size's last, short batch as the full batches before it rather than compile again.
         """
         b, _, h, w = latents.shape
         seed_list = [seeds + i for i in range(b)] if isinstance(seeds, int) else list(seeds)
@@ -295,9 +283,9 @@ class Decoder:
         if len(seed_list) != b or len(sigmas) != b or text.shape[0] != b:
             raise ValueError(f"batch of {b} latents needs {b} seeds, sigmas and text rows "
                              f"(got {len(seed_list)}, {len(sigmas)}, {text.shape[0]})")
-        if (n := self.padded_batch(latents.shape) if pad else b) > b:  # copies of the last image
-            latents, text = (torch.cat([x, x[-1:].expand(n - b, *x.shape[1:])]) for x in (latents, text))
-            seed_list, sigmas = seed_list + seed_list[-1:] * (n - b), sigmas + sigmas[-1:] * (n - b)
+        if pad_to is not None and pad_to > b:  # copies of the last image
+            latents, text = (torch.cat([x, x[-1:].expand(pad_to - b, *x.shape[1:])]) for x in (latents, text))
+            seed_list, sigmas = seed_list + seed_list[-1:] * (pad_to - b), sigmas + sigmas[-1:] * (pad_to - b)
         dev = self.device
         lq = latents.to(torch.bfloat16).float().to(dev)  # upstream hands PiD the bf16-rounded latent
         generators = [torch.Generator(device=dev).manual_seed(int(s)) for s in seed_list]

@@ -469,7 +469,7 @@ class _Session:
         def batch_size(shape: tuple[int, int, int]) -> int:
             return job.batch_size or auto_batch_size(decoder.device, shape, scale)
 
-        batches = plan_batches(self.items, batch_size)
+        batches = plan_batches(self.items, batch_size, pad_last=decoder.compiled)
         ready: queue.Queue = queue.Queue(maxsize=2)
         progress = _Progress(len(self.items), job.quiet, self.report)
 
@@ -478,13 +478,13 @@ class _Session:
 
         def feeder() -> None:
             cache: dict[Path, Tensor] = {}
-            for batch in batches:
+            for batch, runs_as in batches:
                 if halted():
                     break
                 try:
-                    ready.put((batch, *self._load_batch(batch, cache), None))
+                    ready.put((batch, runs_as, *self._load_batch(batch, cache), None))
                 except Exception as e:
-                    ready.put((batch, None, None, f"{type(e).__name__}: {e}"))
+                    ready.put((batch, runs_as, None, None, f"{type(e).__name__}: {e}"))
                 keep = {item.spec.path for item in batch}
                 for path in [p for p in cache if p not in keep]:
                     del cache[path]
@@ -500,12 +500,12 @@ class _Session:
             def worker() -> None:
                 codec = _DeviceCodec(job, decoder.device, self.vae_path)
                 while (task := ready.get()) is not None:
-                    batch, sources, sigmas, error = task
+                    batch, runs_as, sources, sigmas, error = task
                     if error is not None or halted():
                         for item in batch:
                             self.finish(item, error or "interrupted", progress)
                         continue
-                    for sub, images in self._decode_with_retry(decoder, codec, batch, sources, sigmas):
+                    for sub, images in self._decode_with_retry(decoder, codec, batch, sources, sigmas, runs_as):
                         for item, pixels in zip(sub, images, strict=True):
                             if isinstance(pixels, str):
                                 self.finish(item, pixels, progress)
@@ -536,22 +536,23 @@ class _Session:
         return sources, [item.sigma for item in batch]
 
     def _decode_with_retry(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
-                           sigmas: list[float], pad: bool = True) -> Iterator[tuple[list[Item], list]]:
-        """Decode a batch (padded as `Decoder.padded_batch` says, unless `pad` is False); on out-of-memory retry it
+                           sigmas: list[float], runs_as: int) -> Iterator[tuple[list[Item], list]]:
+        """Decode a batch as one of `runs_as` images (plan_batches); on out-of-memory retry a padded batch
         unpadded, then split it in halves down to single images."""
         try:
-            results = self._decode_batch(decoder, codec, batch, sources, sigmas, pad)
+            results = self._decode_batch(decoder, codec, batch, sources, sigmas, runs_as)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            if pad and decoder.padded_batch((len(batch), *batch[0].shape)) > len(batch):
-                yield from self._decode_with_retry(decoder, codec, batch, sources, sigmas, pad=False)
+            if runs_as > len(batch):
+                yield from self._decode_with_retry(decoder, codec, batch, sources, sigmas, len(batch))
                 return
             if len(batch) == 1:
                 yield batch, [f"{batch[0].spec.path}: out of GPU memory even at batch size 1"]
                 return
             half = len(batch) // 2
-            yield from self._decode_with_retry(decoder, codec, batch[:half], sources[:half], sigmas[:half], False)
-            yield from self._decode_with_retry(decoder, codec, batch[half:], sources[half:], sigmas[half:], False)
+            for part in (slice(None, half), slice(half, None)):
+                yield from self._decode_with_retry(decoder, codec, batch[part], sources[part], sigmas[part],
+                                                   len(batch[part]))
             return
         except Exception as e:  # one bad batch must not end a farm run
             yield batch, [f"{item.spec.path}: decode failed ({type(e).__name__}: {e})" for item in batch]
@@ -559,7 +560,7 @@ class _Session:
         yield batch, results
 
     def _decode_batch(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
-                      sigmas: list[float], pad: bool) -> list:
+                      sigmas: list[float], runs_as: int) -> list:
         """Encode the batch's images, decode everything with PiD and, for baselines, with the VAE too.
 
         Returns per item a `_Pending` image (its pixels still on their way from the GPU) or a `Baseline`, for
@@ -569,10 +570,9 @@ class _Session:
         latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given
         frame = [to_training_frame(z, s, job.entry.latent.sigma_frame) for z, s in zip(latents, sigmas, strict=True)]
         text = torch.stack([self.text[item.prompt] for item in batch])
-        decoded = decoder.padded_batch(latents.shape) if pad else len(batch)  # images run, copies included
         images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
-                                       [i.seed for i in batch], job.steps, pad=pad)  # [B, 3, H, W] in [-1, 1]
-        runtime = f"{decoder.runtime}, batch {decoded}"  # another batch size may move a pixel by a level (README)
+                                       [i.seed for i in batch], job.steps, pad_to=runs_as)  # [B, 3, H, W], [-1, 1]
+        runtime = f"{decoder.runtime}, batch {runs_as}"  # another batch size may move a pixel by a level (README)
         for item in batch:
             item.runtime = runtime
         if not self.baselines:
@@ -764,15 +764,21 @@ def _describe_sizes(entry: Entry) -> str:
     return ", ".join(f"{w}x{h}" for w, h in sizes.buckets)
 
 
-def plan_batches(items: list[Item], batch_size: Callable[[tuple[int, int, int]], int]) -> list[list[Item]]:
-    """Micro-batches of equal latent shape, in input order within each shape, of `batch_size(shape)` items."""
+def plan_batches(items: list[Item], batch_size: Callable[[tuple[int, int, int]], int],
+                 pad_last: bool) -> list[tuple[list[Item], int]]:
+    """Micro-batches of equal latent shape, in input order within each shape, of `batch_size(shape)` items, each
+    with the number of images it runs as: its own, or with `pad_last`, the full size for a shape's last, short
+    batch after full ones (`Decoder.decode_tensor`'s pad_to). Why: a compiled decoder would compile that batch
+    size again, where padding costs a decode per copy (~0.3 s at 2K): 9 2K images in batches of 4 took 17-22 s
+    less with cold compile caches, 1-8 s less with warm ones (H200, BENCHMARKS.md)."""
     groups: dict[tuple[int, int, int], list[Item]] = {}
     for item in items:
         groups.setdefault(item.shape, []).append(item)
     batches = []
     for shape, group in groups.items():
         size = batch_size(shape)
-        batches += [group[i:i + size] for i in range(0, len(group), size)]
+        batches += [(group[i:i + size], size if pad_last and i > 0 else min(size, len(group) - i))
+                    for i in range(0, len(group), size)]
     return batches
 
 

@@ -214,7 +214,7 @@ def _known_image(h: int, w: int) -> torch.Tensor:
 def fake_pid(monkeypatch):
     """PiD replaced by `_known_image`, so the colour fix can be checked against exact expectations."""
 
-    def decode_tensor(self, latents, text, degrade_sigma=0.0, seeds=0, steps=4, pad=True):
+    def decode_tensor(self, latents, text, degrade_sigma=0.0, seeds=0, steps=4, pad_to=None):
         b, _, h, w = latents.shape
         return _known_image(*self.output_size((h, w))).expand(b, -1, -1, -1)
 
