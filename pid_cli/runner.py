@@ -769,7 +769,7 @@ def plan_batches(items: list[Item], batch_size: Callable[[tuple[int, int, int]],
     """Micro-batches of equal latent shape, in input order within each shape, of `batch_size(shape)` items, each
     with the number of images it runs as: its own, or with `pad_last`, the full size for a shape's last, short
     batch after full ones (`Decoder.decode_tensor`'s pad_to). Why: a compiled decoder would compile that batch
-    size again, where padding costs a decode per copy (~0.3 s at 2K): 9 2K images in batches of 4 took 17-22 s
+    size again, where padding costs a decode per copy (~0.3 s at 2K): 9 2K images in batches of 4 took 4-22 s
     less with cold compile caches, 1-8 s less with warm ones (H200, BENCHMARKS.md)."""
     groups: dict[tuple[int, int, int], list[Item]] = {}
     for item in items:
