@@ -275,7 +275,7 @@ class Decoder:
 
         `pad_to` > B runs the batch as one of `pad_to` images, copies of the last filling it
         (dropped after). Why: compiled code and CUDA graphs are per shape, so `pid decode` runs
-        a size's last, short batch as the full batches before it rather than compile again.
+        a short batch as a full one rather than compile again (runner.plan_batches).
         """
         b, _, h, w = latents.shape
         seed_list = [seeds + i for i in range(b)] if isinstance(seeds, int) else list(seeds)

@@ -469,7 +469,7 @@ class _Session:
         def batch_size(shape: tuple[int, int, int]) -> int:
             return job.batch_size or auto_batch_size(decoder.device, shape, scale)
 
-        batches = plan_batches(self.items, batch_size, pad_last=decoder.compiled)
+        batches = plan_batches(self.items, batch_size, pad=decoder.compiled)
         ready: queue.Queue = queue.Queue(maxsize=2)
         progress = _Progress(len(self.items), job.quiet, self.report)
 
@@ -765,19 +765,23 @@ def _describe_sizes(entry: Entry) -> str:
 
 
 def plan_batches(items: list[Item], batch_size: Callable[[tuple[int, int, int]], int],
-                 pad_last: bool) -> list[tuple[list[Item], int]]:
+                 pad: bool) -> list[tuple[list[Item], int]]:
     """Micro-batches of equal latent shape, in input order within each shape, of `batch_size(shape)` items, each
-    with the number of images it runs as: its own, or with `pad_last`, the full size for a shape's last, short
-    batch after full ones (`Decoder.decode_tensor`'s pad_to). Why: a compiled decoder would compile that batch
-    size again, where padding costs a decode per copy (~0.3 s at 2K): 9 2K images in batches of 4 took 4-22 s
-    less with cold compile caches, 1-8 s less with warm ones (H200, BENCHMARKS.md)."""
+    with the number of images it runs as: its own, or with `pad` (a compiled decoder) `batch_size(shape)`, a short
+    batch filled with copies of its last image (`Decoder.decode_tensor`'s pad_to).
+
+    Why pad: compiled code is per shape, so a run's last, short batch would compile again where each copy costs
+    one decode (~0.3 s at 2K): 9 2K images in batches of 4 took 4-22 s less with cold compile caches, 1-8 s less
+    with warm ones. And compiled, an image's pixels do not depend on its place in a batch, only on the batch's
+    size, so a resumed run, or one of some of the inputs, writes what the whole run would have (H200,
+    BENCHMARKS.md)."""
     groups: dict[tuple[int, int, int], list[Item]] = {}
     for item in items:
         groups.setdefault(item.shape, []).append(item)
     batches = []
     for shape, group in groups.items():
         size = batch_size(shape)
-        batches += [(group[i:i + size], size if pad_last and i > 0 else min(size, len(group) - i))
+        batches += [(group[i:i + size], size if pad else min(size, len(group) - i))
                     for i in range(0, len(group), size)]
     return batches
 

@@ -223,10 +223,11 @@ def test_out_of_memory_retries_smaller_batches_then_single_images(tiny, monkeypa
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
-def test_a_compiled_runs_short_last_batch_is_padded_and_retried_unpadded_when_that_runs_out(tiny, monkeypatch):
+def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that_runs_out(tiny, monkeypatch):
     """`--compile on` (the compiler stood in by a counter that runs the graphs as they are): 5 inputs in batches
-    of 2 run as 2, 2 and the last image padded to 2, which compiles nothing and says batch 2 in its PNG. When the
-    padded batch runs out of memory, its one image is retried alone before it would be called out of memory."""
+    of 2 run as 2, 2 and the last image padded to 2, which compiles nothing and says batch 2 in its PNG. Resuming
+    the run after a PNG is lost decodes that image padded to 2 as well, to the same pixels. When the padded batch
+    runs out of memory, its one image is retried alone before it would be called out of memory."""
     from torch._dynamo.testing import CompileCounter
 
     from pid_cli.model import PiDNet
@@ -265,6 +266,12 @@ def test_a_compiled_runs_short_last_batch_is_padded_and_retried_unpadded_when_th
         if oom is None:
             assert ran == [2, 2, 2] and compiled[0] > 0 and compiled == compiled[:1] * 3  # the last compiles nothing
             assert runtime[4].endswith("compiled, batch 2")
+            (tiny["out"] / "03.png").unlink()  # it was item 1 of its batch, beside 02; resumed, item 0 of copies
+            ran.clear()
+            assert run_cli(args(tiny, "--batch-size", "2", "--compile", "on"))[0].exit_code == 0
+            resumed = pngs(tiny["out"])
+            assert ran == [2] and all(np.array_equal(resumed[k], got[k]) for k in got)
+            assert Image.open(tiny["out"] / "03.png").info["pid:runtime"] == runtime[3]
         else:
             assert ran == [2, 2, 2, 1] and runtime[4].endswith("compiled, batch 1")
 
