@@ -67,10 +67,10 @@ PID_ARGS: list[str] = []  # --pid-args
 
 
 def command(registry: Path, embeds: Path, latents: Path, out: Path, devices: str, backbone: str,
-            compile: str = "on") -> list[str]:
+            compile: str = "on", batch_size: int = 1) -> list[str]:
     return [sys.executable, "-m", "pid_cli.cli", "decode", str(latents), "--backbone", backbone, "--variant", "bench",
            "--registry", str(registry), "--prompt-embeds", str(embeds), "--out", str(out), "--devices", devices,
-           "--batch-size", "1", "--json", "--quiet", "--compile", compile, *PID_ARGS]
+           "--batch-size", str(batch_size), "--json", "--quiet", "--compile", compile, *PID_ARGS]
 
 
 def subset(latents: Path, count: int) -> Path:

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--size", type=int, default=2048)
     args = ap.parse_args()
+    bench_decode.PID_ARGS[:] = ["--attention", "8bit", "--matmul", "fp8"]
     work = Path(tempfile.mkdtemp())
     registry, embeds, latents = bench_decode.prepare(work, "flux2-2kto4k-v1.5", args.size, args.images)
     rows = []
@@ -47,10 +48,7 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
             env.update(HF_HUB_OFFLINE="1", PID_CACHE_DIR=str(work / f"pid_cache_{tree}"),
                        TRITON_CACHE_DIR=str(work / f"triton_cache_{tree}"))
-            cmd = [sys.executable, "-m", "pid_cli.cli", "decode", str(latents), "--backbone", "flux2", "--variant",
-                   "bench", "--registry", str(registry), "--prompt-embeds", str(embeds), "--out", str(out),
-                   "--batch-size", str(args.batch_size), "--compile", "on", "--attention", "8bit", "--matmul", "fp8",
-                   "--quiet"]
+            cmd = bench_decode.command(registry, embeds, latents, out, "cuda:0", "flux2", batch_size=args.batch_size)
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT / ".base" if tree == "base" else ROOT, env=env, capture_output=True,
                                   text=True)
