@@ -130,8 +130,14 @@ def download(
             raise RegistryError("name a --variant/--target and/or --backbone, e.g. `pid download --variant 2kto4k`")
         entries = load_registry(registry or []).entries_for_variant(variant, target, backbone)
         settings = hub.Settings.from_env(directory)
-        plan = hub.plan_downloads(entries, vae=vae, text_encoder=text_encoder, settings=settings)
-        console.print(hub.plan_table(plan))
+        why = None if settings.offline else hub.hub_unreachable(settings, entries[0].weights)
+        sizes_from = ("the Hub" if not settings.offline and why is None else "the registry: offline"
+                      if settings.offline else f"the registry: the Hub is out of reach, {why}")
+        plan = hub.plan_downloads(entries, vae=vae, text_encoder=text_encoder, settings=settings,
+                                  query_hub=sizes_from == "the Hub")
+        if not console.is_terminal:  # a log or a pipe: no need to fold names, so print them whole on a line
+            console = Console(width=max(console.width, 100 + max(len(i.describe()) for i in plan)))
+        console.print(hub.plan_table(plan, sizes_from, fold_names=console.is_terminal))
         if dry_run:
             return
         command = hub.download_command(entries, vae=vae, text_encoder=text_encoder, local_dir=settings.local_dir)
@@ -250,27 +256,6 @@ def _parse_devices(text: str | None) -> list:
     return devices
 
 
-class _OnDemand:
-    """A file the run may need, fetched (and read) on first use: the backbone VAE file, when images or
-    --compare/--color-fix need it, or FLUX.2's VAE batch-norm statistics, when a raw latent needs them.
-    A class rather than a closure so that per-device worker processes receive it."""
-
-    def __init__(self, entry, what: str):
-        self.entry, self.what, self.value = entry, what, None
-
-    def __call__(self):
-        if self.value is None:
-            from pid_cli import hub
-
-            weights = hub.ensure_files(self.entry, vae=True, text_encoder=False).vae["weights"]
-            if self.what == "bn_stats":
-                from pid_cli.vae.flux2 import flux2_bn_stats
-
-                weights = flux2_bn_stats(weights)
-            self.value = weights
-        return self.value
-
-
 @app.command()
 def decode(
     inputs: Annotated[list[str], typer.Argument(
@@ -293,11 +278,16 @@ def decode(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     key: Annotated[str | None, typer.Option("--key", help="Tensor name inside a multi-tensor file.")] = None,
     latent_format: Annotated[str, typer.Option("--latent-format", help="auto, pid, packed or raw. pid: "
-                                               "normalised [B,C,h,w] (diffusers output_type='latent'); packed: "
-                                               "diffusers token sequences; raw: un-normalised VAE latents "
-                                               "(ComfyUI, FLUX.2-klein output).")] = "auto",
-    latent_size: Annotated[str | None, typer.Option("--latent-size", help="HxW latent grid of packed token "
-                                                    "sequences when the file does not say.")] = None,
+                                               "normalised [B,C,h,w] (diffusers output_type='latent', InvokeAI); "
+                                               "packed: diffusers token sequences; raw: un-normalised VAE "
+                                               "latents (vae.encode(), FLUX.2-klein output). auto reads ComfyUI "
+                                               ".latent files by ComfyUI's convention per backbone, and warns when "
+                                               "a latent's scale suggests another format (README: Inputs).")] = "auto",
+    latent_size: Annotated[str | None, typer.Option("--latent-size", help="HxW of a packed token sequence "
+                                                    "whose file does not say its size: the VAE's latent grid "
+                                                    "(image px / 8, e.g. 128x128 for a 1024 px image) or the "
+                                                    "token grid (image px / 16), for every backbone; the token "
+                                                    "count tells which, and the run says which it took.")] = None,
     degrade_sigma: Annotated[float | None, typer.Option("--degrade-sigma", help="Noise level of the latents "
                                                         "(0 = clean; an LDM x_t: its scheduler sigma; SDXL: "
                                                         "the Euler sigma). Manifest and metadata win.")] = None,
@@ -367,7 +357,6 @@ def decode(
     from pid_cli.latents import FORMATS, parse_size
     from pid_cli.model.layers import ATTENTION_MODES
     from pid_cli.model.linear8 import MATMUL_MODES
-    from pid_cli.outputs import check_writable
     from pid_cli.registry import RegistryError, load_registry
     from pid_cli.runner import EXIT_USAGE, DecodeJob, run
 
@@ -394,10 +383,8 @@ def decode(
     try:
         reg = load_registry(registry or [])
         entry = reg.resolve(backbone, variant, target)
-        check_writable(out)  # a read-only --out fails before a download, let alone GPU work
-        files = hub.ensure_files(entry, vae=False, text_encoder=False)
-        job = DecodeJob(
-            inputs=inputs, out=out, entry=entry, weights=files.weights, template=name,
+        job = DecodeJob(  # the run checks inputs, --out and prompts before it fetches a checkpoint
+            inputs=inputs, out=out, entry=entry, template=name,
             batch_size=None if batch_size == "auto" else int(batch_size), devices=_parse_devices(devices),
             gpus_per_image=gpus_per_image,
             seed=seed, steps=steps, dtype=dtype, attention=attention, matmul=matmul, compile=compile,
@@ -407,8 +394,7 @@ def decode(
             target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,
             prompt_embeds=prompt_embeds, text_encoder=text_encoder,
             shard=parse_shard(shard) if shard else shard_from_env(), manifest_out=manifest_out,
-            json_stdout=json_out, quiet=quiet, bn_stats=_OnDemand(entry, "bn_stats"), fit=fit, compare=compare,
-            color_fix=color_fix, vae_weights=_OnDemand(entry, "vae"))
+            json_stdout=json_out, quiet=quiet, fit=fit, compare=compare, color_fix=color_fix)
         code = run(job)
     except (RegistryError, InputError, hub.HubError, PermissionError, ValueError) as e:
         raise usage(str(e)) from e

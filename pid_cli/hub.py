@@ -692,7 +692,7 @@ class ResolvedFiles:
     one); `vae` maps roles (weights, stats, encoder, ...) to files or folders."""
 
     entry: Entry
-    weights: Path
+    weights: Path | None  # None when the decoder was not asked for
     vae: dict[str, Path]
     text_encoder: Path | None
     converted: bool = False
@@ -730,15 +730,16 @@ def print_notice(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def ensure_files(entry: Entry, *, vae: bool = True, text_encoder: bool = True,
+def ensure_files(entry: Entry, *, decoder: bool = True, vae: bool = True, text_encoder: bool = True,
                  local_dir: str | os.PathLike[str] | None = None, offline: bool | None = None,
                  download: bool = True, token: str | None = None, prefer_converted: bool = True,
                  notice: Callable[[str], None] | None = print_notice) -> ResolvedFiles:
     """Everything `entry` needs, on disk and verified; downloads what is missing unless offline.
 
-    Offline (`HF_HUB_OFFLINE=1`, `offline=True` or `download=False`) with files missing raises
-    MissingFilesError naming the files and the `pid download` command that fetches them. A converted
+    Offline (`HF_HUB_OFFLINE=1`, `offline=True` or `download=False`) or with the Hub out of reach, missing files
+    raise MissingFilesError naming all of them and the `pid download` command that fetches them. A converted
     safetensors copy of the decoder (`pid convert`) is used instead of the pickle when present and current.
+    Without `decoder`, only the VAE and text encoder are resolved (`weights` is None).
     `notice` receives the licence text once if anything is downloaded (default: stderr; None silences it).
     """
     settings = Settings.from_env(local_dir, True if not download else offline, token)
@@ -746,7 +747,9 @@ def ensure_files(entry: Entry, *, vae: bool = True, text_encoder: bool = True,
     decoder_item = items[0]
     conv: Path | None = None
     candidate = converted_path(entry, settings.local_dir)
-    if prefer_converted and candidate.is_file():
+    if not decoder:
+        items = items[1:]
+    elif prefer_converted and candidate.is_file():
         source_sha = entry.weights.sha256
         if source_sha is None and not settings.offline and not entry.weights.is_local:
             source_sha = _try_remote_sha(entry.weights, settings)
@@ -757,28 +760,27 @@ def ensure_files(entry: Entry, *, vae: bool = True, text_encoder: bool = True,
     by_item = {id(item): path for item, path in resolved}
     vae_paths = {i.role.removeprefix("vae "): by_item[id(i)] for i in items if i.role.startswith("vae ")}
     text = next((by_item[id(i)] for i in items if i.role == "text encoder"), None)
-    weights = conv if conv is not None else by_item[id(decoder_item)]
+    weights = conv if conv is not None else by_item.get(id(decoder_item))
     return ResolvedFiles(entry, weights, vae_paths, text, converted=conv is not None)
 
 
 def run_plan(items: Sequence[PlanItem], settings: Settings, *, notice: Callable[[str], None] | None = None,
              command: str | None = None,
              on_done: Callable[[PlanItem, Path], None] | None = None) -> list[tuple[PlanItem, Path]]:
-    """Fetch and verify every item. Missing files that cannot be fetched are reported all at once, before
-    anything is downloaded; the licence notice goes to `notice` once, only if something will be downloaded."""
+    """Fetch and verify every item. Missing files that cannot be fetched (offline, the Hub out of reach, a local
+    file gone) are reported all at once, before anything is downloaded and within seconds; the licence notice
+    goes to `notice` once, only if something will be downloaded."""
     missing = [i for i in items if i.on_disk is None]
+    out_of_reach = None
+    if not settings.offline and any(not i.ref.is_local for i in items):
+        out_of_reach = hub_unreachable(settings, next(i.ref for i in items if not i.ref.is_local))
+        if out_of_reach is not None:  # no retries against a Hub that is not there: use what is on disk
+            settings = Settings(settings.endpoint, settings.cache_dir, settings.local_dir, True, settings.token)
     blocked = [i for i in missing if i.ref.is_local or settings.offline]
     if blocked:
-        hub_blocked = [i for i in blocked if not i.ref.is_local]
-        lines = [f"  - {i.describe()} ({i.role})" for i in blocked]
-        why = ("these files are not on disk and downloading is off (HF_HUB_OFFLINE=1 or offline mode)"
-               if hub_blocked else "these local files do not exist")
-        hint = ""
-        if command and hub_blocked:
-            hint = f"\nFetch them with network access (same HF_HOME or --dir):\n  {command}"
-        used_by = ", ".join(dict.fromkeys(e for i in blocked for e in i.entry_ids))
-        raise MissingFilesError(f"{used_by}: {why}:\n" + "\n".join(lines) + hint,
-                                [i.describe() for i in blocked], command if hub_blocked else None)
+        raise missing_files_error(blocked, settings, command, out_of_reach)
+    if out_of_reach is not None and notice is not None:
+        notice(f"cannot reach the Hub at {settings.endpoint} ({out_of_reach}): using the verified copies on disk")
     if missing:
         if notice is not None:
             for text in dict.fromkeys(licence_notice(i.licence) for i in items if i.licence is not None):
@@ -798,6 +800,46 @@ def run_plan(items: Sequence[PlanItem], settings: Settings, *, notice: Callable[
     return done
 
 
+def missing_files_error(blocked: Sequence[PlanItem], settings: Settings, command: str | None,
+                        out_of_reach: str | None = None) -> MissingFilesError:
+    """One error naming every file that is missing and cannot be fetched now, and how to get them."""
+    hub_blocked = [i for i in blocked if not i.ref.is_local]
+    lines = [f"  - {i.describe()} ({i.role}{', ' + format_size(i.size, i.size_exact) if i.size else ''})"
+             for i in blocked]
+    if not hub_blocked:
+        why = "these local files do not exist"
+    elif out_of_reach is not None:
+        why = f"these files are not on disk and the Hub at {settings.endpoint} cannot be reached ({out_of_reach})"
+    else:
+        why = "these files are not on disk and downloading is off (HF_HUB_OFFLINE=1 or offline mode)"
+    hint = ""
+    if command and hub_blocked:
+        hint = f"\nFetch them where the Hub can be reached (same HF_HOME or --dir):\n  {command}"
+    used_by = ", ".join(dict.fromkeys(e for i in blocked for e in i.entry_ids))
+    return MissingFilesError(f"{used_by}: {why}:\n" + "\n".join(lines) + hint,
+                             [i.describe() for i in blocked], command if hub_blocked else None)
+
+
+PROBE_TIMEOUT_S = 10.0  # huggingface_hub's own default for metadata requests
+
+
+def hub_unreachable(settings: Settings, ref: FileRef | RepoRef | None = None) -> str | None:
+    """None if the Hub answers at all (any HTTP status), else why not: one request, no retries, so a machine
+    without a route to the Hub finds out in seconds instead of after huggingface_hub's backoff (~25 s a file)."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    path = f"/api/models/{ref.repo}/revision/{ref.revision}" if ref is not None and ref.repo else "/api/models"
+    try:
+        get_session().head(settings.endpoint + path, timeout=PROBE_TIMEOUT_S,
+                           headers=build_hf_headers(token=settings.token))
+    except Exception as exc:
+        if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or type(exc).__module__.startswith(
+                ("httpx", "requests", "urllib3", "h11", "ssl")):
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise
+    return None
+
+
 def text_encoder_snapshot(entry: Entry | None = None, local_dir: str | os.PathLike[str] | None = None) -> Path:
     """The text-encoder folder already on disk (never downloads); MissingFilesError says how to fetch it."""
     if entry is None:
@@ -813,6 +855,8 @@ def text_encoder_snapshot(entry: Entry | None = None, local_dir: str | os.PathLi
 
 
 def _try_remote_sha(ref: FileRef, settings: Settings) -> str | None:
+    if hub_unreachable(settings, ref) is not None:
+        return None
     try:
         info = remote_files(str(ref.repo), ref.revision, [ref.path], settings).get(ref.path)
     except HubError:
@@ -850,16 +894,26 @@ def format_size(size: int | None, exact: bool = True) -> str:
 # Presentation for `pid download` / `pid list`
 
 
-def plan_table(items: Sequence[PlanItem]) -> Any:
+def plan_table(items: Sequence[PlanItem], sizes_from: str = "the Hub", fold_names: bool = True) -> Any:
+    """The download plan as a table: whole file names (folded on a terminal, on one line each otherwise, never
+    cut), and a total that says what it knows: exact sizes from the Hub, estimates from the registry offline,
+    and how many sizes are unknown."""
     from rich.table import Table
 
+    todo = [i for i in items if i.on_disk is None]
     total, exact = plan_total(items)
-    everything, _ = plan_total(items, missing_only=False)
-    unknown = " + unknown sizes" if any(i.size is None for i in items if i.on_disk is None) else ""
-    table = Table(title="Download plan", caption=f"to download: {format_size(total, exact)}{unknown} "
-                  f"of {format_size(everything, all(i.size_exact for i in items))} in {len(items)} item(s)")
+    unknown = sum(i.size is None for i in todo)
+    if not todo:
+        caption = f"everything is on disk ({len(items)} item(s))"
+    else:
+        known = f"{format_size(total, exact)}" if len(todo) > unknown else ""
+        caption = (f"to download: {len(todo)} of {len(items)} item(s), "
+                   + " + ".join(filter(None, [known, f"{unknown} of unknown size" if unknown else ""]))
+                   + f" (sizes from {sizes_from})")
+    table = Table(title="Download plan", caption=caption)
     for column in ("file", "role", "used by", "size", "status"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold",
+                         no_wrap=column in ("size", "status") or (column == "file" and not fold_names))
     for item in items:
         status = "[green]on disk[/]" if item.on_disk is not None else "[yellow]download[/]"
         table.add_row(item.describe(), item.role, ", ".join(item.entry_ids),

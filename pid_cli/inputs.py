@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pid_cli.latents import LATENT_SUFFIXES
+from pid_cli.latents import LATENT_SUFFIXES, sniff_container
 from pid_cli.manifest import read_rows
 from pid_cli.manifest import short as _short
 
@@ -70,7 +70,7 @@ def collect_inputs(args: Iterable[str], *, recursive: bool = False, stdin: TextI
             root = Path(arg)
             pattern = "**/*" if recursive else "*"
             for p in sorted(root.glob(pattern)):
-                if p.is_file() and p.suffix.lower() in suffixes:
+                if p.is_file() and _wanted(p, suffixes):
                     rel = p.parent.relative_to(root)
                     add(InputSpec(p, rel_dir="" if rel == Path() else str(rel), source=arg))
         elif any(c in arg for c in "*?["):
@@ -78,18 +78,26 @@ def collect_inputs(args: Iterable[str], *, recursive: bool = False, stdin: TextI
             if not matches:
                 raise InputError(f"{arg}: the pattern matches no files")
             for m in matches:
-                if os.path.isfile(m) and Path(m).suffix.lower() in suffixes:
+                if os.path.isfile(m) and _wanted(Path(m), suffixes):
                     add(InputSpec(Path(m), source=arg))
         else:
             add(_file_spec(Path(arg), "command line", suffixes))
     return sorted(found.values(), key=lambda s: (str(s.path.parent), s.path.name))
 
 
+def _wanted(path: Path, suffixes: tuple[str, ...]) -> bool:
+    """A file a folder or glob contributes: a known suffix, or none at all and a latent container inside
+    (InvokeAI saves its latents as `Tensor_<id>`, torch files without a suffix)."""
+    suffix = path.suffix.lower()
+    return suffix in suffixes or (not suffix and sniff_container(path) is not None)
+
+
 def _file_spec(path: Path, source: str, suffixes: tuple[str, ...]) -> InputSpec:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder ({source})")
-    if path.suffix.lower() not in suffixes:
-        raise InputError(f"{path}: not a latent or image file (expected one of {', '.join(suffixes)})")
+    if path.suffix.lower() not in suffixes and (not path.is_file() or sniff_container(path) is None):
+        raise InputError(f"{path}: not a latent or image file (expected one of {', '.join(suffixes)}, or a file "
+                         "without one holding a safetensors, PyTorch or NumPy latent)")
     return InputSpec(path, source=source)
 
 

@@ -1,16 +1,19 @@
 """Latent files in, PiD-ready latents out.
 
-PiD consumes each backbone's *normalised* spatial latent [B, C, h, w] (spec §7). Users bring
-latents saved by diffusers pipelines (`output_type="latent"`: normalised, Flux/Qwen packed
-into token sequences), by ComfyUI (`.latent`: raw VAE space), or by their own scripts. This
-module reads every common container, works out the layout, converts to the PiD space, and
-refuses anything it cannot place unambiguously, with an error naming the file.
+PiD consumes each backbone's *normalised* spatial latent [B, C, h, w] (README: Inputs). Users bring
+latents saved by diffusers pipelines (`output_type="latent"`: normalised, Flux/Qwen/FLUX.2 packed
+into token sequences), by ComfyUI (`.latent`: the VAE's own output for most backbones, already
+normalised for FLUX.2), by InvokeAI (torch files without a suffix) or by their own scripts. This
+module reads every common container, works out the layout, converts to the PiD space, and refuses
+anything it cannot place unambiguously, with an error naming the file.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
+import struct
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,14 +31,20 @@ LATENT_SUFFIXES = (".safetensors", ".latent", ".pt", ".pth", ".npy", ".npz")
 # Names under which tools store the latent when a file holds several tensors.
 _LATENT_KEYS = ("latent", "latents", "samples", "latent_tensor", "x", "z")
 FORMATS = ("auto", "pid", "packed", "raw")
-FORMAT_HELP = ("pid: normalised spatial latent [B,C,h,w] (diffusers output_type='latent' for sd3/sdxl/zimage); "
-               "packed: diffusers token sequence [B,L,64|128] (flux, flux2, qwenimage); "
-               "raw: un-normalised VAE latent (ComfyUI .latent, vae.encode(), FLUX.2-klein's final output); "
+FORMAT_HELP = ("pid: normalised spatial latent [B,C,h,w] (diffusers output_type='latent' for sd3/sdxl/zimage, "
+               "InvokeAI); packed: diffusers token sequence [B,L,64|128] (flux, flux2, qwenimage); "
+               "raw: un-normalised VAE latent (vae.encode(), FLUX.2-klein's final output); "
                "auto: decide from the container and shape, refusing ambiguous cases")
 MAX_LATENT_SIDE = 1024  # 8192 px at ×8: larger is not an image anyone decodes in one pass
 MAX_LATENT_ABS = 1e4  # normalised latents are O(1); far larger values overflow the decoder into NaN
 MAX_UNPACKED_BYTES = 1 << 32  # what a compressed container (.npz, zipped .pt) may expand to
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032:1; a member claiming more is lying
+
+# ComfyUI (nodes.py SaveLatent / LoadLatent, checked against 0.3.64): a `.latent` file is safetensors holding
+# {"latent_tensor": samples, "latent_format_version_0": torch.tensor([])}, with metadata {"prompt": <the API graph
+# as JSON>, "workflow": <the UI graph as JSON>, ...}. LoadLatent scales by 1/0.18215 only when the *tensor*
+# `latent_format_version_0` is absent: files from before the marker stored SD1.x-scaled latents.
+COMFYUI_TENSOR, COMFYUI_MARKER, COMFYUI_LEGACY_SCALE = "latent_tensor", "latent_format_version_0", 1 / 0.18215
 
 
 class LatentError(ValueError):
@@ -48,34 +57,83 @@ class LatentFile:
 
     path: Path
     tensor: Tensor  # as stored, any layout
-    metadata: dict[str, Any] = field(default_factory=dict)
-    raw_container: bool = False  # ComfyUI .latent: raw VAE space by convention
+    metadata: dict[str, Any] = field(default_factory=dict)  # pid's keys: prompt, degrade_sigma, height/width, ...
+    container: str = "safetensors"  # "comfyui", "safetensors", "torch" or "numpy"
+    provenance: dict[str, str] = field(default_factory=dict)  # a ComfyUI file's own metadata (prompt/workflow graphs)
+
+
+def container_of(path: Path) -> str:
+    """The reader for `path`: its latent suffix, or, for a file without one (InvokeAI names the tensors it saves
+    `Tensor_<id>`), what its first bytes say. LatentError where neither tells."""
+    suffix = path.suffix.lower()
+    if suffix in LATENT_SUFFIXES:
+        return suffix
+    sniffed = sniff_container(path)
+    if sniffed is None:
+        raise LatentError(f"{path}: unsupported latent file type {suffix or '(no suffix)'!r} (expected one of "
+                          f"{', '.join(LATENT_SUFFIXES)}, or a file without a suffix holding one of them, as "
+                          "InvokeAI saves its latents)")
+    return sniffed
+
+
+def sniff_container(path: Path) -> str | None:
+    """'.safetensors', '.pt', '.npy' or '.npz' from a regular file's first bytes; None for anything else."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            return None
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        if head.startswith(b"\x93NUMPY"):
+            return ".npy"
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as zf:  # reads only the central directory
+                names = zf.namelist()
+            if any(n.endswith("data.pkl") for n in names):  # torch.save's zip layout: <archive>/data.pkl
+                return ".pt"
+            return ".npz" if names and all(n.endswith(".npy") for n in names) else None
+        if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= st.st_size:
+            return ".safetensors"  # an 8-byte little-endian header length, then the JSON header
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return None
 
 
 def read_latent_file(path: str | Path, key: str | None = None) -> LatentFile:
     """Read one latent tensor (and metadata) from any supported container. Pickles are read
     with `weights_only=True`: tensors and plain containers only, never code."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in LATENT_SUFFIXES:
-        raise LatentError(f"{path}: unsupported latent file type {suffix!r} (expected one of "
-                          f"{', '.join(LATENT_SUFFIXES)})")
+    kind = container_of(path)
     try:
-        if suffix in (".safetensors", ".latent"):
+        if kind in (".safetensors", ".latent"):
             tensors, meta = _read_safetensors(path)
-        elif suffix in (".pt", ".pth"):
+        elif kind in (".pt", ".pth"):
             tensors, meta = _read_torch(path)
         else:
-            tensors, meta = _read_numpy(path)
+            tensors, meta = _read_numpy(path, kind)
     except LatentError:
         raise
     except Exception as e:  # parsers raise anything on hostile bytes (SafetensorError, tokenize.TokenError, …)
         raise LatentError(f"{path}: cannot read latent file ({type(e).__name__}: {_clip(str(e))})") from e
-    tensor = _pick(path, tensors, key)
-    raw = suffix == ".latent"
-    if raw and "latent_format_version_0" not in meta and tensor.is_floating_point():
-        tensor = tensor.float() * (1.0 / 0.18215)  # ComfyUI's pre-2023 files stored SD-scaled latents
-    return LatentFile(path, tensor, meta, raw_container=raw)
+    if kind == ".latent" or (COMFYUI_MARKER in tensors and COMFYUI_TENSOR in tensors):  # also a renamed copy
+        return _comfyui_latent(path, tensors, meta, key)
+    container = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}.get(kind, "numpy")
+    return LatentFile(path, _pick(path, tensors, key), meta, container)
+
+
+def _comfyui_latent(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any], key: str | None) -> LatentFile:
+    """A ComfyUI latent as its LoadLatent would load it; extra tensors beside it (noise_mask, batch_index) are
+    not the latent, and its metadata is ComfyUI's record of the graph, not pid's keys (its `prompt` is the
+    whole graph, not a caption): it travels into the PNG as provenance."""
+    name = key or COMFYUI_TENSOR
+    if name not in tensors:
+        raise LatentError(f"{path}: a ComfyUI latent file holds its latent as {COMFYUI_TENSOR!r}; this one holds "
+                          f"{', '.join(sorted(tensors)) or 'no tensors'} (choose one with --key)")
+    tensor = tensors[name]
+    if COMFYUI_MARKER not in tensors and tensor.is_floating_point():
+        tensor = tensor.float() * COMFYUI_LEGACY_SCALE
+    provenance = {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
+    return LatentFile(path, tensor, {}, "comfyui", provenance)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -148,10 +206,10 @@ def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _read_numpy(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read_numpy(path: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """`.npy`/`.npz` without np.load, which allocates whatever shape a header declares before reading:
     each header is checked against the bytes actually present first. Never unpickles."""
-    if path.suffix.lower() == ".npy":
+    if kind == ".npy":
         with open(path, "rb") as fh:
             arrays = {"latent": _read_npy(fh, os.fstat(fh.fileno()).st_size, f"{path}")}
     else:
@@ -199,6 +257,7 @@ def _pick(path: Path, tensors: dict[str, Tensor], key: str | None) -> Tensor:
         if key not in tensors:
             raise LatentError(f"{path}: no tensor named {key!r} (found: {', '.join(sorted(tensors)) or 'none'})")
         return tensors[key]
+    tensors = {k: t for k, t in tensors.items() if t.numel() or len(tensors) == 1}  # empty markers are not latents
     if len(tensors) == 1:
         return next(iter(tensors.values()))
     for name in _LATENT_KEYS:
@@ -224,9 +283,22 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def latent_size_from_metadata(meta: dict[str, Any], spec: Latent) -> tuple[int, int] | None:
-    """The spatial latent grid a packed sequence unpacks to, from metadata: `latent_height`/
-    `latent_width` (grid cells), or `height`/`width` (pixels of the image the LDM made)."""
+@dataclass(frozen=True)
+class SizeHint:
+    """What says how a packed token sequence lies on the image: a latent grid (`--latent-size`, or metadata
+    `latent_height`/`latent_width`) or the image's pixel size (metadata `height`/`width`)."""
+
+    height: int
+    width: int
+    unit: str  # "grid": the VAE's latent grid (image px / 8) or the token grid (image px / 16); "pixels"
+    source: str  # for messages: "--latent-size", "metadata latent_height/latent_width", "metadata height/width"
+
+
+def size_hint(meta: dict[str, Any], latent_size: tuple[int, int] | None = None) -> SizeHint | None:
+    """`--latent-size` first, then the file's metadata."""
+    if latent_size is not None:
+        return SizeHint(latent_size[0], latent_size[1], "grid", "--latent-size")
+
     def num(name: str) -> int | None:
         value = meta.get(name)
         try:
@@ -235,20 +307,82 @@ def latent_size_from_metadata(meta: dict[str, Any], spec: Latent) -> tuple[int, 
             return None
         return number if number is not None and number > 0 else None
 
-    if num("latent_height") and num("latent_width"):
-        return num("latent_height"), num("latent_width")
-    if num("height") and num("width"):
-        return num("height") // spec.vae_factor, num("width") // spec.vae_factor
+    if (h := num("latent_height")) and (w := num("latent_width")):
+        return SizeHint(h, w, "grid", "metadata latent_height/latent_width")
+    if (h := num("height")) and (w := num("width")):
+        return SizeHint(h, w, "pixels", "metadata height/width")
     return None
+
+
+TOKEN_PX = 16  # pixels per packed token side for every packed backbone (Flux/Qwen: 2x2 cells at /8; FLUX.2: /16)
+
+
+def token_grid(name: str, n_tokens: int, hint: SizeHint | None) -> tuple[tuple[int, int], str | None]:
+    """The (rows, columns) of `n_tokens` packed tokens, and how a grid hint was read.
+
+    A grid hint may be the VAE's latent grid (image px / 8, diffusers' `height // vae_scale_factor`) or the
+    token grid (image px / 16, FLUX.2's own latent grid): the token count tells them apart, since one holds
+    four times the cells of the other."""
+    if hint is None:
+        raise LatentError(f"{name}: a packed sequence of {n_tokens} tokens does not say its image size; give "
+                          "--latent-size HxW (the VAE's latent grid, image px / 8, e.g. 128x128 for a 1024x1024 "
+                          "image, or the token grid, image px / 16) or store latent_height/latent_width (or the "
+                          "image's pixel height/width) in the file's metadata" + _grid_suggestion(n_tokens, None))
+    h, w = hint.height, hint.width
+    if hint.unit == "pixels":
+        grid = (h // TOKEN_PX, w // TOKEN_PX)
+        if grid[0] * grid[1] == n_tokens:
+            return grid, None
+        raise LatentError(f"{name}: {hint.source} {h}x{w} px makes {grid[0] * grid[1]} packed tokens "
+                          f"({grid[0]}x{grid[1]} of {TOKEN_PX} px), not the {n_tokens} the file holds"
+                          + _grid_suggestion(n_tokens, h / w))
+    if h * w == n_tokens:
+        return (h, w), f"{hint.source} {h}x{w} read as the token grid (a {h * TOKEN_PX}x{w * TOKEN_PX} px image)"
+    if h % 2 == 0 and w % 2 == 0 and (h // 2) * (w // 2) == n_tokens:
+        return (h // 2, w // 2), (f"{hint.source} {h}x{w} read as the VAE's latent grid (a "
+                                  f"{h * TOKEN_PX // 2}x{w * TOKEN_PX // 2} px image)")
+    raise LatentError(f"{name}: {hint.source} {h}x{w} does not fit the {n_tokens} packed tokens the file holds: as "
+                      f"the token grid it holds {h * w}, as the VAE's latent grid {(h // 2) * (w // 2)}"
+                      + _grid_suggestion(n_tokens, h / w))
+
+
+def _grid_suggestion(n_tokens: int, aspect: float | None) -> str:
+    """'; for N tokens give --latent-size ...', the token grid of closest aspect ratio (square without one)."""
+    pairs = [(a, n_tokens // a) for a in range(1, math.isqrt(n_tokens) + 1) if n_tokens % a == 0]
+    pairs += [(b, a) for a, b in pairs]
+    target = math.log(aspect) if aspect else 0.0
+    a, b = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - target))
+    return (f"; for {n_tokens} tokens give --latent-size {2 * a}x{2 * b} (the VAE's latent grid of a "
+            f"{a * TOKEN_PX}x{b * TOKEN_PX} px image) or {a}x{b} (its token grid)")
+
+
+@dataclass
+class Reading:
+    """A stored tensor read as a PiD latent, with what a user should hear about how it was read."""
+
+    latent: Tensor  # [B, C, h, w] float32, normalised (unless `deferred_batchnorm`)
+    layout: str  # the --latent-format it was read as: pid, packed or raw
+    note: str | None = None  # how --latent-size was read
+    other: tuple[str, Tensor] | None = None  # the other plausible reading: (its --latent-format, its latent)
+    deferred_batchnorm: bool = False  # a raw FLUX.2 latent, patchified but not normalised: the VAE's statistics
 
 
 def to_pid_latent(file: LatentFile, spec: Latent, backbone: str, fmt: str = "auto",
                   size: tuple[int, int] | None = None,
                   bn_stats: Callable[[], tuple[Tensor, Tensor]] | None = None) -> Tensor:
-    """Convert a stored tensor to the normalised PiD latent [B, C, h, w] float32.
+    """Convert a stored tensor to the normalised PiD latent [B, C, h, w] float32 (see `read_as_pid`)."""
+    return read_as_pid(file, spec, backbone, fmt, size, bn_stats).latent
 
-    `fmt` is one of FORMATS. `size` (h, w) places a packed sequence when metadata does not.
-    `bn_stats` lazily supplies FLUX.2's batch-norm statistics for raw FLUX.2 latents.
+
+def read_as_pid(file: LatentFile, spec: Latent, backbone: str, fmt: str = "auto",
+                size: tuple[int, int] | None = None,
+                bn_stats: Callable[[], tuple[Tensor, Tensor]] | None = None, *,
+                defer_batchnorm: bool = False) -> Reading:
+    """Read a stored tensor as the normalised PiD latent [B, C, h, w] float32.
+
+    `fmt` is one of FORMATS. `size` (`--latent-size`, a latent grid) places a packed sequence when metadata
+    does not. `bn_stats` lazily supplies FLUX.2's batch-norm statistics for raw FLUX.2 latents; with
+    `defer_batchnorm` such a latent is only patchified (the prepass learns its shape without fetching the VAE).
     """
     if fmt not in FORMATS:
         raise LatentError(f"unknown latent format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -264,9 +398,10 @@ def to_pid_latent(file: LatentFile, spec: Latent, backbone: str, fmt: str = "aut
     z = z.float()
     if not torch.isfinite(z).all():
         raise LatentError(f"{name}: tensor {list(z.shape)} contains NaN or Inf values")
-    size = size or latent_size_from_metadata(file.metadata, spec)
+    hint = size_hint(file.metadata, size)
     if fmt == "auto":
-        fmt = "raw" if file.raw_container else _guess_layout(name, z, spec, backbone, size)
+        fmt = _comfyui_layout(name, z, spec, backbone) if file.container == "comfyui" else \
+            _guess_layout(name, z, spec, backbone, hint)
     if z.dim() == 5:  # [B, C, T, h, w] (Qwen-Image / Wan): one frame only
         if z.shape[2] != 1:
             raise LatentError(f"{name}: 5-D latent {list(z.shape)} has {z.shape[2]} frames; PiD decodes images "
@@ -274,35 +409,94 @@ def to_pid_latent(file: LatentFile, spec: Latent, backbone: str, fmt: str = "aut
         z = z[:, :, 0]
     if z.dim() == 3 and fmt != "packed":
         z = z[None]  # [C, h, w] → [1, C, h, w]
+    note = None
     if fmt == "packed":
-        z = _unpack(name, z, spec, size)
+        z, note = _unpack(name, z, spec, hint)
     elif z.dim() != 4:
         raise LatentError(f"{name}: cannot use a {z.dim()}-D tensor {list(z.shape)} as a latent "
                           "(expected [C,h,w], [B,C,h,w], [B,C,1,h,w] or a packed [B,L,D] sequence)")
+    stored = z
+    deferred = defer_batchnorm and fmt == "raw" and spec.normalisation.get("kind") == "batchnorm"
     if fmt == "raw":
-        z = _normalise(name, z, spec, backbone, bn_stats)
+        z = _normalise(name, z, spec, backbone, bn_stats, defer_batchnorm=deferred)
     _check_spatial(name, z, spec, backbone)
     peak = float(z.abs().max())
     if not peak <= MAX_LATENT_ABS:  # NaN too: a raw normalisation can still overflow
         raise LatentError(f"{name}: latent values reach {peak:.3g}; a normalised latent is O(1) and values beyond "
                           f"{MAX_LATENT_ABS:g} only decode to NaN. Is --latent-format right?")
-    return z
+    return Reading(z, fmt, note, _other_reading(name, stored, fmt, spec, backbone), deferred)
 
 
-def _guess_layout(name: str, z: Tensor, spec: Latent, backbone: str, size: tuple[int, int] | None) -> str:
+def _other_reading(name: str, stored: Tensor, fmt: str, spec: Latent, backbone: str) -> tuple[str, Tensor] | None:
+    """The same spatial tensor under the other of pid/raw, where that reading exists without VAE files
+    (affine and per-channel normalisations, the channel count right either way)."""
+    if spec.normalisation.get("kind") not in ("affine", "per_channel") or stored.shape[1] != spec.channels:
+        return None
+    if fmt == "pid":
+        return "raw", _normalise(name, stored, spec, backbone, None)
+    if fmt == "raw":
+        return "pid", stored
+    return None  # packed: diffusers always packs normalised latents
+
+
+_READ_AS = {"raw": "the VAE's own, un-normalised output", "pid": "latents already normalised for the decoder"}
+UNIT_MARGIN = math.log(1.4)  # the other reading must sit this much closer to unit scale to be suggested
+FAR_FROM_UNIT = math.log(4)  # beyond this factor from unit scale, warn even without another reading
+
+
+def scale_warning(reading: Reading, name: str, frame_scale: float = 1.0) -> str | None:
+    """A warning when the latent's scale says it was probably read the wrong way.
+
+    Normalised latents (and noisy ones: the noise is unit-scale in that space) have an RMS near 1; a raw VAE
+    latent read as normalised is off by the normalisation's scale (×2.8 for Flux, ×7.7 for SDXL). `frame_scale`
+    maps the latent into the frame the decoder sees (SDXL's Euler σ)."""
+    if reading.deferred_batchnorm:
+        return None
+    here = _rms(reading.latent) * frame_scale
+    off = abs(math.log(max(here, 1e-12)))
+    if reading.other is not None:
+        flag, other = reading.other
+        there = _rms(other) * frame_scale
+        if abs(math.log(max(there, 1e-12))) + UNIT_MARGIN < off:
+            return (f"{name}: read as --latent-format {reading.layout}, the latent's RMS is {here:.3g}, far from the "
+                    f"unit scale the decoder was trained on; read as --latent-format {flag} it would be {there:.3g}. "
+                    f"If the file holds {_READ_AS[flag]}, pass --latent-format {flag}")
+    if off > FAR_FROM_UNIT:
+        return (f"{name}: the latent's RMS is {here:.3g}, far from the unit scale of the normalised space the "
+                "decoder was trained on; check --latent-format and --backbone")
+    return None
+
+
+def _rms(t: Tensor) -> float:
+    return float(t.float().pow(2).mean().sqrt())
+
+
+def _comfyui_layout(name: str, z: Tensor, spec: Latent, backbone: str) -> str:
+    """How a ComfyUI LATENT of this backbone is stored: the registry's `comfyui` field (raw VAE output, or
+    already normalised for FLUX.2, whose ComfyUI VAE folds the batch-norm and the 2x2 patchify in)."""
+    if spec.comfyui is None:
+        raise LatentError(f"{name}: ComfyUI has no latent format for the {backbone} decoder, so this .latent file "
+                          "does not say what it holds; pass --latent-format pid or raw")
+    channels = z.shape[0] if z.dim() == 3 else z.shape[1]
+    if spec.comfyui == "pid" and spec.patchify == 2 and channels * 4 == spec.channels:
+        raise LatentError(f"{name}: ComfyUI's {backbone} LATENT has {spec.channels} channels and is already "
+                          f"normalised; a {channels}-channel .latent is not what its VAE writes. Pass "
+                          "--latent-format raw if it holds the VAE's raw output")
+    return spec.comfyui
+
+
+def _guess_layout(name: str, z: Tensor, spec: Latent, backbone: str, hint: SizeHint | None) -> str:
     """'pid', 'packed' or 'raw' from the shape; raise where two readings are possible.
 
     A 3-D tensor reads as packed tokens [B, L, D] only when its width is the backbone's token
-    width and a known latent size accounts for L tokens (without a size it could not be
-    unpacked anyway), so a plain [C, h, w] latent is never mistaken for one.
+    width and a known size accounts for L tokens (without a size it could not be unpacked
+    anyway), so a plain [C, h, w] latent is never mistaken for one.
     """
     token_width = spec.channels * (4 if spec.patchify == 1 else 1)
     if z.dim() == 3:
-        cell = 2 if spec.patchify == 1 else 1
         spatial = z.shape[0] == spec.channels
         width_ok = z.shape[-1] == token_width and spec.fixed_grid is None
-        explained = size is not None and (size[0] // cell) * (size[1] // cell) == z.shape[1]
-        packed = width_ok and (explained if spatial else True)
+        packed = width_ok and (_explains(z.shape[1], hint) if spatial else True)
         if spatial and packed:
             raise LatentError(f"{name}: 3-D tensor {list(z.shape)} reads both as [C,h,w] and as a packed "
                               "[B,L,D] sequence; say which with --latent-format pid|packed")
@@ -313,11 +507,19 @@ def _guess_layout(name: str, z: Tensor, spec: Latent, backbone: str, size: tuple
         if channels == spec.channels:
             return "pid"
         if spec.patchify == 2 and channels * 4 == spec.channels:
-            return "raw"  # FLUX.2-klein's pipeline output: raw and un-patchified (spec §7.1)
+            return "raw"  # FLUX.2-klein's pipeline output: raw and un-patchified
     raise LatentError(f"{name}: tensor {list(z.shape)} does not fit the {backbone} decoder, which takes "
                       f"{spec.channels}-channel latents [B,{spec.channels},h,w]"
                       + (f" or packed [B,L,{token_width}] sequences" if spec.fixed_grid is None else "")
                       + _suggest_backbone(z))
+
+
+def _explains(n_tokens: int, hint: SizeHint | None) -> bool:
+    try:
+        token_grid("", n_tokens, hint)
+    except LatentError:
+        return False
+    return True
 
 
 def _suggest_backbone(z: Tensor) -> str:
@@ -332,8 +534,8 @@ def _suggest_backbone(z: Tensor) -> str:
     return ""
 
 
-def _unpack(name: str, z: Tensor, spec: Latent, size: tuple[int, int] | None) -> Tensor:
-    """Packed tokens [B, L, D] → spatial [B, C, h, w] (diffusers' raster order)."""
+def _unpack(name: str, z: Tensor, spec: Latent, hint: SizeHint | None) -> tuple[Tensor, str | None]:
+    """Packed tokens [B, L, D] → spatial [B, C, h, w] (diffusers' raster order), and how a size hint was read."""
     if z.dim() != 3:
         raise LatentError(f"{name}: a packed latent must be [B, L, D], got {list(z.shape)}")
     b, n_tokens, width = z.shape
@@ -341,16 +543,9 @@ def _unpack(name: str, z: Tensor, spec: Latent, size: tuple[int, int] | None) ->
     if width != spec.channels * cell * cell:
         raise LatentError(f"{name}: packed tokens are {width} wide; this backbone packs "
                           f"{spec.channels * cell * cell} per token")
-    if size is None:
-        raise LatentError(f"{name}: a packed [B, {n_tokens}, {width}] sequence does not say its image size; give "
-                          "--latent-size HxW (the unpacked latent grid, e.g. 128x128 for a 1024 px Flux image) "
-                          "or store latent_height/latent_width (or pixel height/width) in the file's metadata")
-    h, w = size
-    if h % cell or w % cell or (h // cell) * (w // cell) != n_tokens:
-        raise LatentError(f"{name}: latent size {h}x{w} does not match {n_tokens} packed tokens "
-                          f"({h // cell}x{w // cell} = {(h // cell) * (w // cell)})")
-    grid = z.view(b, h // cell, w // cell, spec.channels, cell, cell)  # channel index c·4 + dy·2 + dx
-    return grid.permute(0, 3, 1, 4, 2, 5).reshape(b, spec.channels, h, w)
+    (rows, cols), note = token_grid(name, n_tokens, hint)
+    tokens = z.view(b, rows, cols, spec.channels, cell, cell)  # channel index c·4 + dy·2 + dx
+    return tokens.permute(0, 3, 1, 4, 2, 5).reshape(b, spec.channels, rows * cell, cols * cell), note
 
 
 def patchify_2x2(z: Tensor) -> Tensor:
@@ -362,11 +557,15 @@ def patchify_2x2(z: Tensor) -> Tensor:
 
 
 def _normalise(name: str, z: Tensor, spec: Latent, backbone: str,
-               bn_stats: Callable[[], tuple[Tensor, Tensor]] | None) -> Tensor:
-    """Raw VAE latent → the normalised space the decoder was trained on (spec §7.3)."""
+               bn_stats: Callable[[], tuple[Tensor, Tensor]] | None, *, defer_batchnorm: bool = False) -> Tensor:
+    """Raw VAE latent → the normalised space the decoder was trained on (the registry's `normalisation`); with
+    `defer_batchnorm`, a batch-norm latent is only patchified."""
     norm = spec.normalisation
     kind = norm.get("kind")
     if spec.patchify == 2 and z.shape[1] * 4 == spec.channels:
+        if z.shape[2] % 2 or z.shape[3] % 2:
+            raise LatentError(f"{name}: a raw {backbone} latent is 2x2-patchified, so its grid must be even; "
+                              f"got {z.shape[2]}x{z.shape[3]}")
         z = patchify_2x2(z)
     if z.shape[1] != spec.channels:
         raise LatentError(f"{name}: raw latent has {z.shape[1]} channels; the {backbone} decoder needs "
@@ -379,6 +578,8 @@ def _normalise(name: str, z: Tensor, spec: Latent, backbone: str,
         std = torch.tensor(norm["std"], dtype=z.dtype)[None, :, None, None]
         return (z - mean) / std
     if kind == "batchnorm":
+        if defer_batchnorm:
+            return z
         if bn_stats is None:
             raise LatentError(f"{name}: normalising a raw {backbone} latent needs the batch-norm statistics of "
                               "its VAE file, which is not available")

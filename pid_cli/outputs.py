@@ -11,6 +11,7 @@ import struct
 import tempfile
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,10 @@ class OutputExists(FileExistsError):
     """The output appeared while we were decoding (another process wrote it)."""
 
 
-def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_level: int = 4) -> bytes:
-    """[H, W, 3] uint8 or uint16 → PNG bytes with iTXt metadata.
+def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_level: int = 4,
+               plain: Iterable[str] = ()) -> bytes:
+    """[H, W, 3] uint8 or uint16 → PNG bytes with iTXt metadata (UTF-8); the keys in `plain` as tEXt where
+    their text fits Latin-1, as ComfyUI writes its `prompt`/`workflow` (and older readers only look there).
 
     Pillow cannot write 16-bit RGB, so 16-bit images go through a small writer of our own.
     """
@@ -37,15 +40,19 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_l
     # Text from file names, manifests and metadata may hold lone surrogates (undecodable bytes of a file
     # name, "\udc80" in JSON) that UTF-8 cannot encode: replace them rather than fail the image.
     text = {_text(k): _text(v) for k, v in (text or {}).items()}
+    plain = {k for k in plain if k in text and _latin1(k) and _latin1(text[k])}
     if image.dtype == np.uint8:
         info = PngInfo()
         for k, v in (text or {}).items():
-            info.add_itxt(k, v)
+            if k in plain:
+                info.add_text(k, v)
+            else:
+                info.add_itxt(k, v)
         buf = io.BytesIO()
         Image.fromarray(image, "RGB").save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
         return buf.getvalue()
     if image.dtype == np.uint16:
-        return _png16(image, text or {}, compress_level)
+        return _png16(image, text or {}, compress_level, plain)
     raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
 
 
@@ -53,17 +60,28 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in value
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _png16(image: np.ndarray, text: dict[str, str], level: int) -> bytes:
+def _png16(image: np.ndarray, text: dict[str, str], level: int, plain: set[str]) -> bytes:
     h, w, _ = image.shape
     rows = np.ascontiguousarray(image, dtype=">u2").reshape(h, w * 3).view(np.uint8)  # big-endian bytes [H, W·6]
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
     out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))]
     for k, v in text.items():
-        out.append(_chunk(b"iTXt", k.encode("latin-1", "replace") + b"\x00\x00\x00\x00\x00" + v.encode("utf-8")))
+        if k in plain:
+            out.append(_chunk(b"tEXt", k.encode("latin-1") + b"\x00" + v.encode("latin-1")))
+        else:
+            out.append(_chunk(b"iTXt", k.encode("latin-1", "replace") + b"\x00\x00\x00\x00\x00" + v.encode("utf-8")))
     out += [_chunk(b"IDAT", zlib.compress(raw, level)), _chunk(b"IEND", b"")]
     return b"".join(out)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from pid_cli.latents import COMFYUI_MARKER
 from pid_cli.manifest import read_rows
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson")
@@ -94,15 +95,18 @@ def sidecar_path(input_path: Path) -> Path:
 
 
 def metadata_prompt(input_path: Path) -> str | None:
-    """The ``prompt`` metadata entry of a safetensors file (header only, no tensors read)."""
+    """The ``prompt`` metadata entry of a safetensors file (header only, no tensors read). A ComfyUI latent
+    renamed to .safetensors has none: its ``prompt`` is ComfyUI's graph, not a caption."""
     try:
         try:
             str(input_path).encode("utf-8")
         except UnicodeEncodeError:  # safetensors only opens UTF-8 paths: read the header ourselves
             from pid_cli.latents import read_latent_file
 
-            return read_latent_file(input_path).metadata.get("prompt")
+            return read_latent_file(input_path).metadata.get("prompt")  # empty for a ComfyUI file
         with safe_open(str(input_path), "pt") as f:
+            if COMFYUI_MARKER in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                return None
             return (f.metadata() or {}).get("prompt")
     except Exception as exc:
         raise PromptSourceError(f"{input_path}: cannot read safetensors metadata ({exc})") from exc

@@ -87,6 +87,7 @@ class Latent:
     normalisation: dict[str, Any] = field(default_factory=dict)
     fixed_grid: tuple[int, int] | None = None
     sigma_frame: str = "flow"  # "euler-ve": x_t = x0 + σ·ε as SDXL's Euler scheduler keeps it (spec §7.2)
+    comfyui: str | None = None  # what ComfyUI's LATENT holds: "raw" VAE output, "pid" (normalised), None: no such
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ def _latent(where: _Where, data: Any, net: Mapping[str, Any]) -> Latent:
     if not isinstance(data, Mapping):
         raise where.error("latent", f"expected a mapping, got {_typename(data)}")
     _check_keys(where, data, {"channels", "vae_factor", "unpatchify", "patchify", "normalisation", "fixed_grid",
-                              "sigma_frame"}, "latent.")
+                              "sigma_frame", "comfyui"}, "latent.")
     channels = _positive(where, "latent.channels", _get(where, data, "channels", int, "latent."))
     vae_factor = _positive(where, "latent.vae_factor", _get(where, data, "vae_factor", int, "latent."))
     unpatchify = _positive(where, "latent.unpatchify",
@@ -302,7 +303,11 @@ def _latent(where: _Where, data: Any, net: Mapping[str, Any]) -> Latent:
     frame = _get(where, data, "sigma_frame", str, "latent.", required=False, default="flow")
     if frame not in ("flow", "euler-ve"):
         raise where.error("latent.sigma_frame", f"expected 'flow' or 'euler-ve', got {frame!r}")
-    return Latent(channels, vae_factor, unpatchify, patchify, dict(norm), tuple(grid) if grid else None, frame)
+    comfyui = _get(where, data, "comfyui", str, "latent.", required=False)
+    if comfyui not in (None, "raw", "pid"):
+        raise where.error("latent.comfyui", f"expected 'raw' or 'pid', got {comfyui!r}")
+    return Latent(channels, vae_factor, unpatchify, patchify, dict(norm), tuple(grid) if grid else None, frame,
+                  comfyui)
 
 
 def _vae(where: _Where, data: Any, base_dir: Path) -> Vae:

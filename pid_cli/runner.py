@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import signal
@@ -31,6 +32,7 @@ from pid_cli.imageinput import ImagePlan, fit_sizes, load_image, plan_image
 from pid_cli.images import read_image
 from pid_cli.inputs import (
     DEFAULT_TEMPLATE,
+    IMAGE_SUFFIXES,
     InputError,
     InputSpec,
     check_template,
@@ -40,10 +42,13 @@ from pid_cli.inputs import (
     take_shard,
 )
 from pid_cli.latents import (
+    LATENT_SUFFIXES,
     MAX_LATENT_SIDE,
     LatentError,
+    Reading,
+    read_as_pid,
     read_latent_file,
-    to_pid_latent,
+    scale_warning,
     to_training_frame,
     training_sigma,
 )
@@ -64,6 +69,10 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 @dataclass
 class DecodeJob:
     """Everything a `pid decode` run needs (the CLI's options, validated)."""
@@ -71,7 +80,7 @@ class DecodeJob:
     inputs: list[str]
     out: Path
     entry: Entry
-    weights: Path
+    weights: Path | None = None  # None: resolved (downloaded if need be) once the inputs have been checked
     template: str = DEFAULT_TEMPLATE
     batch_size: int | None = None  # None: per output size (auto_batch_size)
     devices: list[torch.device] = field(default_factory=lambda: [resolve_device(None)])
@@ -100,12 +109,11 @@ class DecodeJob:
     manifest_out: Path | None = None
     json_stdout: bool = False
     quiet: bool = False
-    bn_stats: Callable[[], tuple[Tensor, Tensor]] | None = None  # FLUX.2 VAE statistics, loaded on demand
     fit: bool = False  # image inputs: resize onto a trained output size (imageinput.py)
     compare: bool = False  # also write NAME.vae.png and NAME.compare.png (baselines.py)
     color_fix: str = "none"  # colorfix.METHODS
-    vae_weights: Callable[[], Path] | None = None  # the backbone VAE file, fetched on demand (default: hub)
-    warn: Callable[[str], None] = _warn  # a module-level function: jobs are pickled to worker processes
+    warn: Callable[[str], None] = _warn  # module-level functions: jobs are pickled to worker processes
+    note: Callable[[str], None] = _note
 
 
 @dataclass
@@ -120,6 +128,7 @@ class Item:
     seed: int
     prompt: str = ""
     plan: ImagePlan | None = None  # image inputs: how the file becomes encoder input
+    provenance: dict[str, str] = field(default_factory=dict)  # a ComfyUI latent's graph, copied into the PNG
     runtime: str = ""  # set when decoded: `Decoder.runtime` and the batch size (what its exact pixels depend on)
 
 
@@ -131,6 +140,10 @@ class Probe:
     shape: tuple[int, int, int]  # latent [C, h, w] of each
     meta: dict[str, Any]
     plan: ImagePlan | None = None  # image inputs
+    warnings: list[str] = field(default_factory=list)  # e.g. a scale that says the layout was misread
+    note: str | None = None  # how --latent-size was read
+    provenance: dict[str, str] = field(default_factory=dict)
+    needs_vae: bool = False  # a raw FLUX.2 latent: normalised with its VAE's batch-norm statistics
 
 
 @dataclass
@@ -142,14 +155,19 @@ class InputState:
     pending: int
     started: float
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class Records:
-    """One JSONL record per input, to --manifest-out and/or stdout, written as each finishes."""
+    """One JSONL record per input, to --manifest-out and/or stdout, written as each finishes; and what the
+    run's closing summary on stderr says (counts, the first failures)."""
+
+    SHOWN_FAILURES = 10  # failures the summary names; the rest are counted (every record names its own)
 
     def __init__(self, manifest_out: Path | None, stdout: TextIO | None, forward: Report | None = None):
         self.lock = threading.Lock()
         self.forward = forward  # a per-device worker process hands its records to the parent instead
+        self.manifest_out = manifest_out
         try:
             self.file = open(manifest_out, "a", encoding="utf-8") if manifest_out else None  # noqa: SIM115
             if self.file is not None and self.file.tell() and _last_byte(manifest_out) != b"\n":
@@ -158,16 +176,22 @@ class Records:
             raise InputError(f"--manifest-out {manifest_out}: cannot open for appending ({e.strerror or e})") from e
         self.stdout = stdout
         self.counts = {"ok": 0, "skipped": 0, "failed": 0}
+        self.warned = 0  # inputs whose record carries warnings
+        self.failures: list[tuple[str, str]] = []  # (input, error) of the first SHOWN_FAILURES failed inputs
         self.lost = 0  # records that could not be written (disk full): the run must not exit 0
 
-    def emit(self, spec: InputSpec, status: str, outputs: list[Path], seconds: float, error: str | None) -> None:
+    def emit(self, spec: InputSpec, status: str, outputs: list[Path], seconds: float, error: str | None,
+             warnings: list[str] | None = None) -> None:
         self.add({"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
-                  "seconds": round(seconds, 3), "error": error})
+                  "seconds": round(seconds, 3), "error": error, "warnings": list(warnings or [])})
 
     def add(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.counts[record["status"]] += 1
+            self.warned += bool(record.get("warnings"))
+            if record["status"] == "failed" and len(self.failures) < self.SHOWN_FAILURES:
+                self.failures.append((record["input"], record["error"] or "failed"))
         if self.forward is not None:
-            with self.lock:
-                self.counts[record["status"]] += 1
             self.forward("record", record)
             return
         line = json.dumps(record, ensure_ascii=False)
@@ -176,7 +200,6 @@ class Records:
         except UnicodeEncodeError:  # undecodable bytes of a file name: \udcXX escapes keep the JSON exact
             line = json.dumps(record)
         with self.lock:
-            self.counts[record["status"]] += 1
             for f in (self.file, self.stdout):
                 if f is not None:
                     try:
@@ -187,6 +210,22 @@ class Records:
                             print(f"error: cannot write records ({e.strerror or e}); the run will exit 1",
                                   file=sys.stderr)
                         self.lost += 1
+
+    def summary(self) -> str:
+        """The run's closing lines for stderr: counts, then each failed input (the first few) and why."""
+        ok, skipped, failed = self.counts["ok"], self.counts["skipped"], self.counts["failed"]
+        parts = [f"{ok} decoded", f"{skipped} skipped (outputs exist)" if skipped else "", f"{failed} failed",
+                 f"{self.warned} with warnings" if self.warned else ""]
+        lines = [f"pid decode: {ok + skipped + failed} input(s): " + ", ".join(filter(None, parts))]
+        for path, error in self.failures:
+            lines.append(f"  failed: {error if error.startswith(path) else f'{path}: {error}'}")
+        if failed > len(self.failures):
+            where = (f"see {self.manifest_out}" if self.manifest_out is not None else
+                     "--manifest-out FILE or --json lists every record")
+            lines.append(f"  … and {failed - len(self.failures)} more failed ({where})")
+        if self.lost:
+            lines.append(f"  {self.lost} record(s) could not be written")
+        return "\n".join(lines)
 
     def close(self) -> None:
         if self.file is not None:
@@ -205,14 +244,19 @@ def _last_byte(path: Path) -> bytes:
 def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | None = None) -> int:
     """Decode everything `job` names; returns the process exit code. Several devices: one worker process
     each (see workers.py), which calls this with `report` (records and progress go to the parent) and its
-    own `stop`, set by its signal handler; without one, SIGINT/SIGTERM are handled here."""
+    own `stop`, set by its signal handler; without one, SIGINT/SIGTERM are handled here.
+
+    Cheap checks come before expensive work: the inputs are collected and read, `--out` tested and the
+    prompts resolved before any checkpoint, VAE or text encoder is fetched, and every file the run needs is
+    fetched in one step, so a missing one (offline, the Hub out of reach) is reported with all the others."""
     check_job(job)
     if len(job.devices) > job.gpus_per_image:
         from pid_cli.workers import run_per_device
 
         return run_per_device(job)
     clean_partials(job.out)
-    specs = job_inputs(job)
+    found = collect_job_inputs(job)
+    specs = take_shard(found, *job.shard) if job.shard is not None else found
     previous = {}
     if stop is None:
         stop = threading.Event()
@@ -223,17 +267,52 @@ def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | No
         session = _Session(job, records, stop, report)
         session.prepass(specs)
         if session.items and not stop.is_set():
+            session.choose_prompts()
+        if session.items and not stop.is_set():  # unless every remaining input failed while its prompt was read
+            session.fetch_files()
             session.embed_prompts()
-            if session.items:  # unless every remaining input failed while its prompt was read
-                session.decode_all()
+            session.decode_all()
         session.report_unfinished()
     finally:
         _restore_signal_handlers(previous)
         if records is not None:
             records.close()
+    if report is None:
+        print(records.summary() if specs else nothing_to_decode(job, len(found)), file=sys.stderr)
     if stop.is_set():
         return EXIT_INTERRUPTED
     return EXIT_FAILED if records.counts["failed"] or records.lost else EXIT_OK
+
+
+def nothing_to_decode(job: DecodeJob, found: int) -> str:
+    """What an empty run says, instead of exiting in silence."""
+    if found:
+        k, n = job.shard or (0, 1)
+        return f"pid decode: nothing to decode: the {found} input(s) all fall in other shards than {k}/{n}"
+    where = " ".join(job.inputs)
+    return (f"pid decode: nothing to decode: {where} holds no latent or image files (latents: "
+            f"{' '.join(LATENT_SUFFIXES)}; images: {' '.join(IMAGE_SUFFIXES)})"
+            + ("" if job.recursive else "; --recursive also searches sub-folders"))
+
+
+def fetch_run_files(job: DecodeJob, need_vae: bool) -> Path | None:
+    """Every file the decode needs, fetched (or found on disk) in one step: the decoder unless `job.weights`
+    names it, the VAE when `need_vae` (images, baselines, raw FLUX.2 latents), Gemma unless the prompts come
+    from elsewhere. Files that are missing and cannot be fetched are all named in one error, with the ways
+    out. Sets `job.weights` and `job.text_encoder`; returns the VAE file when asked for."""
+    from pid_cli import hub
+
+    need_text = job.prompt_embeds is None and job.text_encoder is None and not os.environ.get("PID_TEXT_ENCODER")
+    if job.weights is not None and not need_vae and not need_text:
+        return None
+    try:
+        files = hub.ensure_files(job.entry, decoder=job.weights is None, vae=need_vae, text_encoder=need_text)
+    except hub.MissingFilesError as e:
+        raise hub.HubError(with_ways_out(e)) from e
+    job.weights = job.weights or files.weights
+    if need_text:  # Gemma's snapshot: its config keys the embedding cache, so it is wanted even when all hit
+        job.text_encoder = files.text_encoder
+    return files.vae_weights if need_vae else None
 
 
 def check_job(job: DecodeJob) -> None:
@@ -244,9 +323,14 @@ def check_job(job: DecodeJob) -> None:
     check_writable(job.out)
 
 
+def collect_job_inputs(job: DecodeJob) -> list[InputSpec]:
+    """Every input the run names: collected, sorted, outputs of earlier runs left out (before sharding)."""
+    return _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
+
+
 def job_inputs(job: DecodeJob) -> list[InputSpec]:
-    """The inputs this run (or this worker) owns: collected, sorted, outputs of earlier runs left out, its shard."""
-    specs = _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
+    """The inputs this run (or this worker) owns: `collect_job_inputs`, then its shard."""
+    specs = collect_job_inputs(job)
     return take_shard(specs, *job.shard) if job.shard is not None else specs
 
 
@@ -302,10 +386,20 @@ def _drop_earlier_outputs(specs: list[InputSpec], job: DecodeJob) -> list[InputS
 
 
 def probe_input(job: DecodeJob, spec: InputSpec) -> Probe:
-    """Read and validate one input (CPU only): how many images it yields and their latent shape."""
+    """Read and validate one input (CPU only, nothing fetched): how many images it yields, their latent shape,
+    and what the user should hear about how it was read."""
     if not spec.is_image:
-        latent, meta = load_latent(job, spec)
-        return Probe(latent.shape[0], (latent.shape[1], latent.shape[2], latent.shape[3]), meta)
+        file = read_latent_file(spec.path, job.key)
+        reading = read_as_pid(file, job.entry.latent, job.entry.backbone, job.latent_format, job.latent_size,
+                              defer_batchnorm=True)
+        latent = reading.latent
+        sigma = _sigma(job, spec, file.metadata)
+        frame = job.entry.latent.sigma_frame
+        scale = 1 / math.sqrt(sigma * sigma + 1) if frame == "euler-ve" and 0 < sigma < math.inf else 1.0
+        warning = scale_warning(reading, str(spec.path), scale)
+        return Probe(latent.shape[0], (latent.shape[1], latent.shape[2], latent.shape[3]), file.metadata,
+                     warnings=[warning] if warning else [], note=reading.note, provenance=file.provenance,
+                     needs_vae=reading.deferred_batchnorm)
     try:
         vae_kind(job.entry)
     except ValueError as e:  # VAEError: RAE/SigLIP encoders are not supported yet
@@ -332,20 +426,19 @@ def _fit_candidates(job: DecodeJob) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_source(job: DecodeJob, item: Item) -> Tensor:
+def load_source(job: DecodeJob, item: Item, bn_stats: Callable[[], tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """What the worker needs for all items of `item`'s input: latents [B, C, h, w] as given, or the
     preprocessed image [1, 3, H, W] in [−1, 1] (encoded on the worker's device)."""
     if item.plan is not None:
         return load_image(job.entry, item.spec.path, item.plan)[None]
-    return load_latent(job, item.spec)[0]
+    return load_latent(job, item.spec, bn_stats).latent
 
 
-def load_latent(job: DecodeJob, spec: InputSpec) -> tuple[Tensor, dict[str, Any]]:
-    """The PiD latent [B, C, h, w] of one input file and the file's metadata."""
+def load_latent(job: DecodeJob, spec: InputSpec, bn_stats: Callable[[], tuple[Tensor, Tensor]] | None = None
+                ) -> Reading:
+    """The PiD latent [B, C, h, w] of one input file, and how it was read."""
     file = read_latent_file(spec.path, job.key)
-    latent = to_pid_latent(file, job.entry.latent, job.entry.backbone, job.latent_format, job.latent_size,
-                           job.bn_stats)
-    return latent, file.metadata
+    return read_as_pid(file, job.entry.latent, job.entry.backbone, job.latent_format, job.latent_size, bn_stats)
 
 
 class _Session:
@@ -357,29 +450,45 @@ class _Session:
         self.states: dict[Path, InputState] = {}
         self.text: dict[str, Tensor] = {}
         self.vae_path: Path | None = None  # the backbone VAE file, when images or baselines need it
+        self.needs_vae = False  # a raw FLUX.2 latent needs its VAE's batch-norm statistics
+        self.bn_stats: tuple[Tensor, Tensor] | None = None
         self.lock = threading.Lock()
         self.failed_fast = threading.Event()
 
-    def fail(self, spec: InputSpec, error: str) -> None:
-        self.records.emit(spec, "failed", [], 0.0, error)
+    def fail(self, spec: InputSpec, error: str, warnings: list[str] | None = None) -> None:
+        self.records.emit(spec, "failed", [], 0.0, error, warnings)
         if self.job.fail_fast:
             self.failed_fast.set()
 
     # -- prepass: read and validate every input, name its outputs, skip finished ones ----
 
+    SHOWN_WARNINGS = 10  # input warnings printed on stderr; the rest are only in the records (and counted)
+
     def prepass(self, specs: list[InputSpec]) -> None:
         claimed: dict[Path, InputSpec] = {}
         warned: set[tuple[int, int]] = set()
+        notes: set[str] = set()
+        shown = 0
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             loaded = pool.map(lambda spec: _attempt(probe_input, self.job, spec), specs)
             for spec, (probe, error) in zip(specs, loaded, strict=True):
                 if self.failed_fast.is_set() or self.stop.is_set():  # still one record per input
                     self.records.emit(spec, "failed", [], 0.0, "not decoded: the run stopped early")
                     continue
+                if probe is not None:
+                    for warning in probe.warnings:
+                        shown += 1
+                        if shown <= self.SHOWN_WARNINGS:
+                            self.job.warn(warning)
+                        elif shown == self.SHOWN_WARNINGS + 1:
+                            self.job.warn("further warnings about inputs go to the records only")
+                    if probe.note and probe.note not in notes:
+                        notes.add(probe.note)
+                        self.job.note(probe.note)
                 if error is None:
                     error = _attempt(self._plan_input, spec, probe, claimed, warned)[1]
                 if error is not None:
-                    self.fail(spec, error)
+                    self.fail(spec, error, probe.warnings if probe is not None else None)
 
     def _plan_input(self, spec: InputSpec, probe: Probe, claimed: dict[Path, InputSpec],
                     warned: set[tuple[int, int]]) -> None:
@@ -400,11 +509,12 @@ class _Session:
         training_sigma(sigma, job.entry.latent.sigma_frame)  # validates the range now, not mid-run
         todo = [i for i, p in enumerate(outputs) if job.overwrite or not all(f.exists() for f in self.files_of(p))]
         if not todo:
-            self.records.emit(spec, "skipped", outputs, 0.0, None)
+            self.records.emit(spec, "skipped", outputs, 0.0, None, probe.warnings)
             return
-        self.states[spec.path] = InputState(spec, outputs, len(todo), time.time())
-        self.items += [Item(spec, i, probe.shape, outputs[i], sigma, job.seed + i, _meta_prompt(probe.meta),
-                            probe.plan) for i in todo]
+        self.needs_vae |= probe.needs_vae
+        self.states[spec.path] = InputState(spec, outputs, len(todo), time.time(), warnings=probe.warnings)
+        self.items += [Item(spec, i, probe.shape, outputs[i], sigma, job.seed + i, plan=probe.plan,
+                            provenance=probe.provenance) for i in todo]
 
     def files_of(self, output: Path) -> list[Path]:
         """Every file one item writes: its PNG, plus NAME.vae.png and NAME.compare.png with --compare."""
@@ -412,9 +522,11 @@ class _Session:
 
     # -- prompts: resolved per input, embedded once per unique prompt, Gemma freed after --
 
-    def embed_prompts(self) -> None:
+    def choose_prompts(self) -> None:
+        """Each input's caption (nothing is fetched or embedded yet); an input whose own prompt cannot be read,
+        or is missing from --prompt-embeds, fails alone."""
         from pid_cli.prompts import resolve_prompts
-        from pid_cli.text import embed_prompts, load_prompt_embeds
+        from pid_cli.text import load_prompt_embeds
 
         job = self.job
         specs = list({item.spec.path: item.spec for item in self.items}.values())
@@ -435,27 +547,44 @@ class _Session:
                         unreadable[path] = (f"{path}: {job.prompt_embeds} has no embedding for its prompt "
                                             f"{text[:80]!r}; re-run `pid embed` with it")
             for path, error in unreadable.items():
-                self.fail(self.states.pop(path).spec, error)
+                state = self.states.pop(path)
+                self.fail(state.spec, error, state.warnings)
             self.items = [item for item in self.items if item.spec.path not in unreadable]
-            if not self.items:
-                return
         for item in self.items:
             item.prompt = chosen[item.spec.path]
-        unique = list(dict.fromkeys(item.prompt for item in self.items))
-        if job.prompt_embeds is None and job.text_encoder is None and not os.environ.get("PID_TEXT_ENCODER"):
-            from pid_cli import hub  # first use: fetch Gemma's snapshot (its config keys the embedding cache)
 
-            job.text_encoder = hub.ensure_files(job.entry, vae=False, text_encoder=True).text_encoder
+    def fetch_files(self) -> None:
+        need_vae = self.needs_vae or self.baselines or any(item.plan is not None for item in self.items)
+        self.vae_path = fetch_run_files(self.job, need_vae)
+
+    def embed_prompts(self) -> None:
+        job = self.job
+        unique = list(dict.fromkeys(item.prompt for item in self.items))
+        if not unique:
+            return
+        from pid_cli.text import embed_prompts
+
         embeds = embed_prompts(unique, prompt_embeds=job.prompt_embeds, text_encoder=job.text_encoder,
                                device=job.devices[0], model_max_length=job.entry.net_config["txt_max_length"])
         self.text = dict(zip(unique, embeds.unbind(0), strict=True))
+
+    def batchnorm_stats(self) -> tuple[Tensor, Tensor]:
+        """FLUX.2's VAE batch-norm statistics, read once from the VAE file `fetch_files` found."""
+        if self.bn_stats is None:
+            from pid_cli.vae.flux2 import flux2_bn_stats
+
+            if self.vae_path is None:
+                raise LatentError(f"{self.job.entry.id}: normalising a raw latent needs the VAE file, which was "
+                                  "not resolved")
+            self.bn_stats = flux2_bn_stats(self.vae_path)
+        return self.bn_stats
 
     # -- decoding: a feeder thread loads batches, a worker decodes them, a pool writes PNGs --
 
     def decode_all(self) -> None:
         job = self.job
-        if self.baselines or any(item.plan is not None for item in self.items):
-            self.vae_path = _vae_weights(job)  # fetched here, before the decoders load: a missing file stops early
+        if not self.items:
+            return
         scale = job.entry.latent.vae_factor * job.entry.sr_scale
         decoder = _load_decoder(job, compile_for(job, self.items, scale))
         try:
@@ -531,7 +660,7 @@ class _Session:
         sources = []
         for item in batch:
             if item.spec.path not in cache:
-                cache[item.spec.path] = load_source(self.job, item)
+                cache[item.spec.path] = load_source(self.job, item, self.batchnorm_stats)
             sources.append(cache[item.spec.path][item.index])
         return sources, [item.sigma for item in batch]
 
@@ -614,7 +743,7 @@ class _Session:
             return
         try:
             text = _png_text(self.job, item) if self.job.metadata else None
-            write_atomic(item.output, encode_png(pixels, text), overwrite=self.job.overwrite)
+            write_atomic(item.output, encode_png(pixels, text, plain=item.provenance), overwrite=self.job.overwrite)
             self.finish(item, None, progress)
         except OutputExists:
             if item.output.is_file():
@@ -633,16 +762,16 @@ class _Session:
         try:
             out = render(baseline, job.color_fix, job.compare)
             text = _png_text(job, item) if job.metadata else None
-            files = [(item.output, to_uint(out.pid[None], job.bit_depth)[0], text)]
+            files = [(item.output, to_uint(out.pid[None], job.bit_depth)[0], text, item.provenance)]
             if out.vae is not None:
                 vae_path, strip_path = baseline_paths(item.output)
                 files.append((vae_path, to_uint(out.vae[None], job.bit_depth)[0], text and _baseline_text(
-                    job, item, f"{job.entry.backbone} VAE decode, Lanczos-upscaled x{job.entry.sr_scale}")))
+                    job, item, f"{job.entry.backbone} VAE decode, Lanczos-upscaled x{job.entry.sr_scale}"), ()))
                 files.append((strip_path, to_uint(out.strip[None], 8)[0],
-                              text and _baseline_text(job, item, f"side by side: {out.labels}")))
-            for path, pixels, meta in files:
+                              text and _baseline_text(job, item, f"side by side: {out.labels}"), ()))
+            for path, pixels, meta, plain in files:
                 with contextlib.suppress(OutputExists):  # written by an earlier run or another process: complete
-                    write_atomic(path, encode_png(pixels, meta), overwrite=job.overwrite)
+                    write_atomic(path, encode_png(pixels, meta, plain=plain), overwrite=job.overwrite)
             self.finish(item, None, progress)
         except OSError as e:
             self.finish(item, f"{path}: cannot write ({e.strerror or e})", progress)
@@ -659,7 +788,7 @@ class _Session:
         if done:
             failed = state.error is not None
             self.records.emit(state.spec, "failed" if failed else "ok", [] if failed else state.outputs,
-                              time.time() - state.started, state.error)
+                              time.time() - state.started, state.error, state.warnings)
             if failed and self.job.fail_fast:
                 self.failed_fast.set()
 
@@ -668,7 +797,7 @@ class _Session:
         for state in self.states.values():
             if state.pending > 0:
                 self.records.emit(state.spec, "failed", [], time.time() - state.started,
-                                  "not decoded: the run stopped early")
+                                  "not decoded: the run stopped early", state.warnings)
 
 
 def _attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
@@ -703,11 +832,6 @@ class _Pending:
 
 def _mask(results: list, errors: dict[int, str]) -> list:
     return [errors.get(i, r) for i, r in enumerate(results)]
-
-
-def _meta_prompt(meta: dict[str, Any]) -> str:
-    value = meta.get("prompt")
-    return value if isinstance(value, str) else ""
 
 
 def _sigma(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> float:
@@ -842,15 +966,6 @@ def load_vae(entry: Entry, weights: Path | None, device: torch.device, dtype: st
     return codec
 
 
-def _vae_weights(job: DecodeJob) -> Path:
-    """The entry's VAE file: from the CLI's loader, else fetched and verified like the decoder."""
-    if job.vae_weights is not None:
-        return job.vae_weights()
-    from pid_cli import hub
-
-    return hub.ensure_files(job.entry, vae=True, text_encoder=False).vae["weights"]
-
-
 # torch.compile delays the first image by 5-11 s per output size with warm caches and ~30-35 s with cold ones, and
 # saves 0.045-0.056 s per output megapixel on an H200/H100 (BENCHMARKS.md): it pays for itself after ~100-220 MP
 # per GPU when warm, ~600-700 MP when cold; 400 MP is between the two
@@ -877,9 +992,21 @@ def _load_decoder(job: DecodeJob, compile: bool | None) -> Decoder:
         raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
 
 
+def with_ways_out(error: Exception) -> str:
+    """A missing-files error from the hub, with every way a decode can go on."""
+    text = str(error)
+    if "(text encoder" in text:
+        text += ("\nOr decode without the text encoder: make the prompts' embeddings with `pid embed` where it "
+                 "is available and pass --prompt-embeds FILE (or --text-encoder PATH to a local copy).")
+    return text
+
+
 def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
+    """The PNG's text chunks: pid's record of how it was made and, for a ComfyUI latent, ComfyUI's own
+    `prompt`/`workflow` graphs, so that dropping the PNG on ComfyUI loads the workflow that made the latent."""
     source = f"{item.spec.path}" + (f"[{item.index}]" if item.index else "")
-    text = {"Software": f"pid {__version__}", "pid:backbone": job.entry.backbone, "pid:variant": job.entry.variant,
+    text = {key: value for key, value in item.provenance.items() if not key.startswith("pid:") and key != "Software"}
+    text |= {"Software": f"pid {__version__}", "pid:backbone": job.entry.backbone, "pid:variant": job.entry.variant,
             "pid:checkpoint": f"{job.entry.id} ({job.weights.name})", "pid:seed": str(item.seed),
             "pid:steps": str(job.steps), "pid:degrade_sigma": f"{item.sigma:g}", "pid:prompt": item.prompt,
             "pid:source": source}

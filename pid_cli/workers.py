@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from pid_cli.hub import HubError
-from pid_cli.inputs import InputError
+from pid_cli.inputs import InputError, InputSpec, take_shard
 from pid_cli.registry import RegistryError
 from pid_cli.runner import (
     EXIT_FAILED,
@@ -43,8 +43,11 @@ from pid_cli.runner import (
     Records,
     _install_signal_handlers,
     _Progress,
+    collect_job_inputs,
     device_groups,
+    fetch_run_files,
     job_inputs,
+    nothing_to_decode,
     run,
 )
 
@@ -61,7 +64,14 @@ def worker_jobs(job: DecodeJob) -> list[DecodeJob]:
 
 
 def run_per_device(job: DecodeJob) -> int:
-    """The parent of a multi-device run (`runner.run` has refused a bad job before calling this)."""
+    """The parent of a multi-device run (`runner.run` has refused a bad job before calling this). It checks the
+    inputs and prompt sources and fetches the files every worker needs once, before any worker starts."""
+    found = collect_job_inputs(job)
+    specs = take_shard(found, *job.shard) if job.shard is not None else found
+    if not specs:
+        print(nothing_to_decode(job, len(found)), file=sys.stderr)
+        return EXIT_OK
+    job = _prepare(job, specs)
     jobs = worker_jobs(job)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     events: multiprocessing.Queue = context.Queue()
@@ -76,7 +86,7 @@ def run_per_device(job: DecodeJob) -> int:
     exits: dict[int, int] = {}
     died: dict[int, int] = {}  # workers gone without reporting their exit: index → exit code
     usage_error: str | None = None
-    warned: set[str] = set()  # every worker meets the same odd sizes: say each once
+    warned: set[tuple[str, str]] = set()  # every worker meets the same odd sizes: say each once
     try:
         for w in workers:
             w.start()
@@ -101,10 +111,10 @@ def run_per_device(job: DecodeJob) -> int:
                 progress.add_total(data)
             elif event == "advance":
                 progress.advance()
-            elif event == "warn":
-                if data not in warned:
-                    warned.add(data)
-                    job.warn(data)
+            elif event in ("warn", "note"):
+                if (event, data) not in warned:
+                    warned.add((event, data))
+                    (job.warn if event == "warn" else job.note)(data)
             elif event == "usage":
                 usage_error = usage_error or data
                 stop.request("usage")
@@ -118,6 +128,7 @@ def run_per_device(job: DecodeJob) -> int:
             signal.signal(sig, old)
         progress.close()
         records.close()
+    print(records.summary(), file=sys.stderr)
     if usage_error is not None:
         raise ValueError(usage_error)
     if stop.reason == "signal":
@@ -125,6 +136,23 @@ def run_per_device(job: DecodeJob) -> int:
     failed = records.counts["failed"] or records.lost or any(code not in (EXIT_OK, EXIT_INTERRUPTED)
                                                                 for code in exits.values())
     return EXIT_FAILED if failed or stop.reason == "fail-fast" else EXIT_OK
+
+
+def _prepare(job: DecodeJob, specs: list[InputSpec]) -> DecodeJob:
+    """The job the workers get: prompt sources checked and the checkpoint, VAE and text encoder fetched once
+    here (workers would each probe the Hub and wait on each other's downloads). A raw FLUX.2 latent's VAE,
+    which only reading the file reveals, is fetched by the worker that meets it."""
+    from pid_cli.prompts import resolve_prompts
+    from pid_cli.text import load_prompt_embeds
+
+    if job.prompt is None:  # a malformed --prompt-file is a usage error before anything is fetched
+        resolve_prompts([s.path for s in specs if s.prompt is None], prompt_file=job.prompt_file, errors={})
+    if job.prompt_embeds is not None:
+        load_prompt_embeds(job.prompt_embeds, job.entry.net_config["txt_max_length"])
+    job = replace(job)
+    need_vae = job.compare or job.color_fix != "none" or any(s.is_image for s in specs)
+    fetch_run_files(job, need_vae)
+    return job
 
 
 class _ParentStop:
@@ -188,7 +216,8 @@ def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
 
     threading.Thread(target=watch_parent, daemon=True).start()
     code = EXIT_FAILED
-    job = replace(job, warn=lambda message: events.put((index, "warn", message)))
+    job = replace(job, warn=lambda message: events.put((index, "warn", message)),
+                  note=lambda message: events.put((index, "note", message)))
     try:
         code = run(job, report=lambda event, data: events.put((index, event, data)), stop=stop)
     except (RegistryError, InputError, HubError, PermissionError, ValueError) as e:  # the CLI's usage errors

@@ -67,8 +67,8 @@ def test_every_format_and_layout_decodes(setup):
     np.savez(d / "arrays.npz", samples=_latent(s, 1, 16, 2, 4).numpy())
     packed = z[:1].view(1, 16, 1, 2, 1, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, 1, 64).contiguous()
     save_file({"latents": packed}, d / "packed.safetensors", metadata={"height": "16", "width": "16"})
-    save_file({"latent_tensor": z[:1] / 0.3611 + 0.1159}, d / "comfy.latent",
-              metadata={"latent_format_version_0": "true"})
+    save_file({"latent_tensor": z[:1] / 0.3611 + 0.1159, "latent_format_version_0": torch.tensor([])},
+              d / "comfy.latent", metadata={"prompt": "{}"})  # as ComfyUI's SaveLatent writes it
     result, records = _run(_args(s, "--json"))
     assert result.exit_code == 0, result.output
     assert sorted(r["status"] for r in records) == ["ok"] * 6

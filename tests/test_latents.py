@@ -76,8 +76,9 @@ def test_packed_flux_sequence_unpacks_exactly(tmp_path, z):
     save_file({"latents": packed}, tmp_path / "nometa.safetensors")
     with pytest.raises(LatentError, match="--latent-size"):
         _convert(tmp_path / "nometa.safetensors")
-    assert torch.equal(_convert(tmp_path / "nometa.safetensors", size=(6, 10)), z)
-    with pytest.raises(LatentError, match="does not match 15 packed tokens"):
+    assert torch.equal(_convert(tmp_path / "nometa.safetensors", size=(6, 10)), z)  # the VAE's grid
+    assert torch.equal(_convert(tmp_path / "nometa.safetensors", size=(3, 5)), z)  # the token grid
+    with pytest.raises(LatentError, match=r"does not fit the 15 packed tokens.*give --latent-size 6x10"):
         _convert(tmp_path / "nometa.safetensors", size=(8, 8))
 
 
@@ -86,12 +87,6 @@ def test_packed_flux2_tokens_are_raster_order(tmp_path):
     tokens = grid.flatten(2).transpose(1, 2).contiguous()  # [1, 15, 128]
     save_file({"x": tokens}, tmp_path / "f2.safetensors", metadata={"latent_height": "3", "latent_width": "5"})
     assert torch.equal(_convert(tmp_path / "f2.safetensors", FLUX2, "flux2"), grid)
-
-
-def test_comfyui_latent_is_raw_and_gets_normalised(tmp_path, z):
-    raw = z / 0.3611 + 0.1159
-    save_file({"latent_tensor": raw}, tmp_path / "c.latent", metadata={"latent_format_version_0": "true"})
-    assert torch.allclose(_convert(tmp_path / "c.latent"), z, atol=1e-5)
 
 
 def test_flux2_klein_raw_32_channels_patchify_and_batchnorm(tmp_path):
