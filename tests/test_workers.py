@@ -49,6 +49,7 @@ def test_two_workers_decode_what_one_device_does_and_the_parent_writes_every_rec
     assert all(r["status"] == "ok" for r in records)
     assert [json.loads(line) for line in manifest.read_text().splitlines()] == records
     assert result.output.count("is outside the trained sizes") == 1  # both workers met it; said once
+    assert result.output.count(f"pid decode: {n} input(s): {n} decoded, 0 failed") == 1  # the parent sums up
     expected, got = pngs(one), pngs(tiny["out"])
     assert sorted(got) == sorted(expected) and len(expected) == n
     assert all(np.array_equal(got[name], expected[name]) for name in expected)  # seeds follow the input, not the device
