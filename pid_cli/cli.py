@@ -183,11 +183,14 @@ def convert(
     variant: Annotated[str | None, typer.Option("--variant", help="With --backbone.")] = None,
     directory: DownloadDir = None,
     registry: RegistryFiles = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing output file (never the source checkpoint itself).")] = False,
 ) -> None:
     """Convert a released pickle to safetensors (mmap-loadable, no pickle at load time).
 
     Every key and shape is checked against the network the registry entry describes before anything is
     written; the file is written atomically. Keys are stored without the `net.` prefix, dtypes unchanged.
+    An existing output is kept unless --overwrite is given.
     """
     from pid_cli import convert as conv
     from pid_cli import hub
@@ -205,7 +208,7 @@ def convert(
                 raise RegistryError(f"cannot tell which checkpoint {source} is from its path; pass --backbone "
                                     "and --variant")
         target = output or hub.converted_path(entry, directory)
-        report = conv.convert_checkpoint(source, target, entry)
+        report = conv.convert_checkpoint(source, target, entry, overwrite=overwrite)
     except (RegistryError, hub.HubError, conv.ConvertError) as exc:
         raise _hub_error(exc) from exc
     note = f"; dropped {len(report.dropped)} training-only tensors" if report.dropped else ""

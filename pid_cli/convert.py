@@ -33,14 +33,18 @@ class ConvertReport:
 
 
 def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], entry: Entry, *,
-                       source_sha256: str | None = None) -> ConvertReport:
-    """Validate `src` against `entry` and write `dst` atomically (temp file + rename in the same folder)."""
+                       source_sha256: str | None = None, overwrite: bool = False) -> ConvertReport:
+    """Validate `src` against `entry` and write `dst` atomically (temp file + rename in the same folder).
+
+    An existing `dst` is replaced only with `overwrite`, and never when it is `src` itself (the same path, a
+    link to it, the same file): checked before the source is read, so a slip of `-o` costs nothing."""
     from safetensors.torch import save_file
 
     from pid_cli.model import PiDNet, WeightsError, read_state_dict
     from pid_cli.model.weights import check_state
 
     src, dst = Path(src), Path(dst)
+    _check_output(src, dst, overwrite)
     try:
         state = read_state_dict(src)
         with torch.device("meta"):
@@ -66,12 +70,41 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)
+        _check_output(src, dst, overwrite)  # again: validating a big file takes a while
+        _move_into_place(tmp, dst, overwrite)
+    except ConvertError:
+        raise
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise ConvertError(f"cannot write {dst}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return ConvertReport(entry.id, len(tensors), nbytes, tuple(sorted(set(state) - set(tensors))), dst)
+
+
+def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse to replace the source (same resolved path or same file: the pickle would be lost) and, unless asked
+    to, any existing file: `-o` is easy to point at something precious."""
+    if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
+        raise ConvertError(f"{dst}: refusing to write over the source checkpoint {src}; choose another -o/--output")
+    if dst.is_dir():
+        raise ConvertError(f"{dst}: is a folder; -o/--output takes the safetensors file to write")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise ConvertError(f"{dst}: already exists; pass --overwrite to replace it")
+
+
+def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `dst`; without `overwrite` by a hard link, which fails (not replaces) when another process
+    created `dst` meanwhile. Filesystems without hard links fall back to the check made just before."""
+    if overwrite:
+        os.replace(tmp, dst)
+        return
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise ConvertError(f"{dst}: already exists; pass --overwrite to replace it") from None
+    except OSError:
+        os.replace(tmp, dst)
 
 
 def guess_entry(src: Path, entries: list[Entry]) -> Entry | None:

@@ -21,6 +21,11 @@ into place, so a damaged partial file is deleted and the file fetched again from
 transfers use plain HTTP even for Xet-backed repos (no hf_xet). Non-LFS files (small configs) are left to
 hf_hub_download, which in 2.x does not resume across runs: it writes each attempt to a temporary file of its own
 and deletes it on failure (a killed process leaves it behind, unused).
+
+Confinement: a repo id, file path or revision becomes a local path, so each is checked (`check_remote_path`)
+where it enters, the Hub's folder listings included, and again before any download, before a byte is written: a
+mirror that lists `../../x.safetensors`, an absolute path, a backslash, a drive letter, an empty component or a
+control character is refused with an error naming the repo and the path.
 """
 
 from __future__ import annotations
@@ -38,7 +43,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pid_cli import paths
-from pid_cli.registry import IMAGE_ENCODER_KINDS, Entry, FileRef, Licence, RepoRef
+from pid_cli.registry import (
+    IMAGE_ENCODER_KINDS,
+    Entry,
+    FileRef,
+    Licence,
+    RepoRef,
+    entry_id_problem,
+    path_problem,
+    repo_id_problem,
+)
 
 _TRUE = {"1", "on", "yes", "true"}
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -115,7 +129,27 @@ class Settings:
 
     def repo_dir(self, repo: str) -> Path:
         assert self.local_dir is not None
+        check_remote_path(repo)
         return self.local_dir / repo
+
+    def repo_file(self, repo: str, path: str) -> Path:
+        """`<dir>/<owner>/<repo>/<path>`, refused (HubError) unless it stays inside the repo's folder."""
+        check_remote_path(repo, path)
+        return self.repo_dir(repo) / path
+
+
+def check_remote_path(repo: str, path: str | None = None, revision: str | None = None, *, source: str = "") -> None:
+    """Refuse a repo id, file path or revision that would not stay inside its folder once it is a local path.
+
+    The registry checks its own values, but paths also come from the Hub's listings (an HF_ENDPOINT mirror may
+    list `../../x.safetensors`) and from library callers' FileRefs, so every download checks again before a
+    byte is written: `<dir>/<owner>/<repo>/<path>`, the cache's snapshots/<commit>/<path> and refs/<revision>."""
+    if (problem := repo_id_problem(repo)) is not None:
+        raise HubError(f"{repo!r}: refusing this repo id{source}: {problem}")
+    for label, value in (("file path", path), ("revision", revision)):
+        if value is not None and (problem := path_problem(value)) is not None:
+            raise HubError(f"{repo}: refusing the {label} {value!r}{source}: it {problem}; every file must stay "
+                           "inside the repository's folder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,6 +249,8 @@ def remote_repo_files(ref: RepoRef, settings: Settings) -> dict[str, RemoteFile]
     tree = _hub_call(ref.repo, settings, lambda: list(
         _api(settings).list_repo_tree(ref.repo, recursive=True, revision=ref.revision)))
     found = {f.path: _remote_file(f) for f in tree if isinstance(f, RepoFile) and _matches(f.path, ref)}
+    for path in found:  # before any of them is fetched: the listing is the mirror's word, not the registry's
+        check_remote_path(ref.repo, path, source=f" listed by the Hub at {settings.endpoint}")
     if not found:
         raise HubError(f"{ref.repo}: no files match {', '.join(ref.allow_patterns)}")
     return found
@@ -342,7 +378,7 @@ def find_file(ref: FileRef, settings: Settings) -> Path | None:
         return Path(ref.path) if Path(ref.path).is_file() else None
     assert ref.repo is not None
     if settings.local_dir is not None:
-        path = settings.repo_dir(ref.repo) / ref.path
+        path = settings.repo_file(ref.repo, ref.path)
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
@@ -562,7 +598,7 @@ def _transfer_resumable(repo: str, path: str, revision: str, settings: Settings,
         final, partial_dir = storage / "blobs" / etag, storage / "blobs"
         lock_dir = storage.parent / ".locks" / storage.name
     else:
-        final = settings.repo_dir(repo) / path
+        final = settings.repo_file(repo, path)
         partial_dir = lock_dir = settings.repo_dir(repo) / ".cache" / "pid"
     key = hashlib.sha1(path.encode()).hexdigest()[:16]
     partial = partial_dir / f"{key}.{etag}.incomplete"
@@ -610,6 +646,7 @@ def _download_verified(repo: str, path: str, revision: str, settings: Settings, 
     corrupted on disk) is deleted by the check and fetched once more, never loaded; a fresh download that
     fails raises. LFS files not on disk go through `_transfer_resumable`, which continues a partial download
     an earlier run left."""
+    check_remote_path(repo, path, revision)
     if not cached and remote is not None and remote.sha256 is not None:
         _hub_call(what, settings, lambda: _transfer_resumable(repo, path, revision, settings, what))
     local = _download_one(repo, path, revision, settings)
@@ -704,6 +741,8 @@ class ResolvedFiles:
 
 def converted_path(entry: Entry, local_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where `pid convert` puts an entry's safetensors copy by default, and where the loader looks for it."""
+    if (problem := entry_id_problem(entry.id)) is not None:  # an Entry built by hand, not by the registry
+        raise HubError(f"registry entry {entry.id!r} ({entry.source or 'no registry file'}): {problem}")
     root = Path(local_dir).expanduser() / "converted" if local_dir else paths.cache_dir() / "converted"
     return root / f"{entry.id}.safetensors"
 

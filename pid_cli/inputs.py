@@ -12,11 +12,12 @@ import os
 import re
 import string
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from pid_cli.files import is_regular
 from pid_cli.latents import LATENT_SUFFIXES, sniff_container
 from pid_cli.manifest import read_rows
 from pid_cli.manifest import short as _short
@@ -46,17 +47,34 @@ class InputSpec:
         return self.path.suffix.lower() in IMAGE_SUFFIXES
 
 
+MAX_GLOB_VISITS = 1_000_000  # entries a recursive pattern may look at: a folder tree bigger than this is a mistake
+
+
 def collect_inputs(args: Iterable[str], *, recursive: bool = False, stdin: TextIO | None = None,
-                   allow_images: bool = True) -> list[InputSpec]:
-    """Expand the command-line inputs into a sorted, de-duplicated list."""
+                   allow_images: bool = True, note: Callable[[str], None] | None = None) -> list[InputSpec]:
+    """Expand the command-line inputs into a sorted list of jobs, one per listed file and settings.
+
+    The same file listed twice with the same settings (or once plainly and once in a manifest) is one job, and
+    `note` hears of it; listed with other prompts, sigmas or outputs it is one job each. A symlink alias of a file
+    is a job of its own (it names its own output). Only regular files are taken: a FIFO or device would block or
+    never end, so naming one is an error, and folders and patterns pass over them. Symlinked folders are not
+    descended into, so a link loop cannot make a scan endless."""
     suffixes = LATENT_SUFFIXES + (IMAGE_SUFFIXES if allow_images else ())
-    found: dict[Path, InputSpec] = {}
+    found: dict[str, list[InputSpec]] = {}
+    merged = 0
 
     def add(spec: InputSpec) -> None:
-        key = spec.path.resolve()
-        if key in found and found[key].source.endswith(".jsonl"):
-            return  # a manifest line's settings win over a plain mention of the same file
-        found[key] = spec
+        nonlocal merged
+        jobs = found.setdefault(os.path.abspath(spec.path), [])
+        for i, other in enumerate(jobs):
+            if _settings(other) == _settings(spec) or not any(_settings(spec)):
+                merged += 1  # the same job again, or a plain mention of a file a manifest already sets up
+                return
+            if not any(_settings(other)):  # a manifest line's settings win over a plain mention
+                jobs[i] = spec
+                merged += 1
+                return
+        jobs.append(spec)
 
     for arg in args:
         if arg == "-":
@@ -68,34 +86,103 @@ def collect_inputs(args: Iterable[str], *, recursive: bool = False, stdin: TextI
                 add(spec)
         elif os.path.isdir(arg):
             root = Path(arg)
-            pattern = "**/*" if recursive else "*"
-            for p in sorted(root.glob(pattern)):
-                if p.is_file() and _wanted(p, suffixes):
+            for p in _walk(root, recursive):
+                if _wanted(p, suffixes):
                     rel = p.parent.relative_to(root)
                     add(InputSpec(p, rel_dir="" if rel == Path() else str(rel), source=arg))
         elif any(c in arg for c in "*?["):
-            matches = sorted(glob.glob(arg, recursive=True))
+            matches = _glob(arg)
             if not matches:
                 raise InputError(f"{arg}: the pattern matches no files")
             for m in matches:
-                if os.path.isfile(m) and _wanted(Path(m), suffixes):
+                if _wanted(Path(m), suffixes):
                     add(InputSpec(Path(m), source=arg))
         else:
             add(_file_spec(Path(arg), "command line", suffixes))
-    return sorted(found.values(), key=lambda s: (str(s.path.parent), s.path.name))
+    if merged and note is not None:
+        note(f"{merged} input(s) were listed more than once with the same settings; each is decoded once")
+    return sorted((s for jobs in found.values() for s in jobs), key=lambda s: (str(s.path.parent), s.path.name))
+
+
+def _settings(spec: InputSpec) -> tuple:
+    return spec.prompt, spec.degrade_sigma, spec.output
+
+
+def _walk(root: Path, recursive: bool) -> list[Path]:
+    """The files of a folder (and with `recursive` of its sub-folders, symlinked ones not followed), sorted."""
+    if not recursive:
+        return sorted(p for p in root.iterdir())
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        dirs.sort()
+        files += [Path(folder) / n for n in sorted(names)]
+    return files
+
+
+def _glob(pattern: str) -> list[str]:
+    """Matches of a shell pattern. `**` spans folders but follows no symlinked folder (Python's glob follows
+    them, so a link loop never returns), and the walk stops at MAX_GLOB_VISITS entries."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    regex = re.compile(_glob_regex(parts[fixed:]))
+    matches, visits = [], 0
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        visits += len(dirs) + len(names)
+        if visits > MAX_GLOB_VISITS:
+            raise InputError(f"{pattern}: the pattern looks at more than {MAX_GLOB_VISITS} files and folders; "
+                             "narrow it or list the inputs in a manifest")
+        dirs.sort()
+        for name in names:
+            path = Path(folder) / name
+            if regex.fullmatch(path.relative_to(root).as_posix()):
+                matches.append(str(path))
+    return sorted(matches)
+
+
+def _glob_regex(parts: tuple[str, ...]) -> str:
+    """A regular expression for relative paths matching pattern components, as the shell reads them: `*` and `?`
+    stay inside one component, `[...]` is a character class, `**` is any number of folders."""
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, piece = 0, ""
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                piece += "[^/]*"
+            elif c == "?":
+                piece += "[^/]"
+            elif c == "[" and (end := part.find("]", j + 2)) != -1:
+                body = part[j + 1:end]
+                piece += "[" + ("^" + re.escape(body[1:]) if body[0] in "!^" else re.escape(body)) + "]"
+                j = end
+            else:
+                piece += re.escape(c)
+            j += 1
+        out.append(piece + ("" if last else "/"))
+    return "".join(out)
 
 
 def _wanted(path: Path, suffixes: tuple[str, ...]) -> bool:
-    """A file a folder or glob contributes: a known suffix, or none at all and a latent container inside
-    (InvokeAI saves its latents as `Tensor_<id>`, torch files without a suffix)."""
+    """A file a folder or glob contributes: a regular file with a known suffix, or with none at all and a latent
+    container inside (InvokeAI saves its latents as `Tensor_<id>`, torch files without a suffix)."""
     suffix = path.suffix.lower()
-    return suffix in suffixes or (not suffix and sniff_container(path) is not None)
+    return is_regular(path) and (suffix in suffixes or (not suffix and sniff_container(path) is not None))
 
 
 def _file_spec(path: Path, source: str, suffixes: tuple[str, ...]) -> InputSpec:
-    if not path.exists():
+    if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder ({source})")
-    if path.suffix.lower() not in suffixes and (not path.is_file() or sniff_container(path) is None):
+    if not is_regular(path):
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket, or a link to one; {source}); pid "
+                         "reads only regular files")
+    if path.suffix.lower() not in suffixes and sniff_container(path) is None:
         raise InputError(f"{path}: not a latent or image file (expected one of {', '.join(suffixes)}, or a file "
                          "without one holding a safetensors, PyTorch or NumPy latent)")
     return InputSpec(path, source=source)
@@ -126,11 +213,14 @@ def read_manifest(path: Path) -> list[InputSpec]:
         file = Path(row["input"])
         file = file if file.is_absolute() else path.parent / file
         try:
-            found = file.is_file()
+            exists, regular = os.path.exists(file), is_regular(file)
         except OSError as e:  # e.g. a name too long for the file system
             raise InputError(f"{where}: input {_short(str(file))} cannot be read ({e.strerror or e})") from e
-        if not found:
+        if not exists:
             raise InputError(f"{where}: input {_short(str(file))} does not exist")
+        if not regular:
+            raise InputError(f"{where}: input {_short(str(file))} is not a regular file (a FIFO, device, socket or "
+                             "folder); pid reads only regular files")
         specs.append(InputSpec(file, prompt=row.get("prompt"), degrade_sigma=sigma, output=output,
                                source=str(path)))
     return specs
@@ -152,16 +242,54 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
-    """This process's share from torchrun (RANK/WORLD_SIZE) or Slurm (array tasks, or tasks of a step)."""
+    """This process's share of the inputs from what the scheduler really gives it, or None outside one.
+
+    A Slurm array task (`--array=0-63`, or stepped `--array=1-15:2`) takes its place among the array's tasks
+    (SLURM_ARRAY_TASK_ID/MIN/MAX/STEP/COUNT); within it, each process of an `srun` step (SLURM_PROCID of
+    SLURM_STEP_NUM_TASKS) or of torchrun (RANK of WORLD_SIZE, which wins over Slurm's own ranks) takes its place
+    again, so every input falls to exactly one process. What cannot be mapped that way (an array of listed
+    indices like `--array=1,2,9`, a rank outside its world) is refused: guessing decodes some inputs twice and
+    others never."""
     env = os.environ if env is None else env
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return None
+    outer = _slurm_array_share(env) if "SLURM_ARRAY_TASK_ID" in env else None
+    if "RANK" in env or "WORLD_SIZE" in env:
+        inner = _rank_share(env, "RANK", "WORLD_SIZE", "torchrun")
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        inner = _rank_share(env, "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "srun")
+    else:
+        inner = None
+    if outer is None or inner is None:
+        return outer or inner
+    return outer[0] * inner[1] + inner[0], outer[1] * inner[1]
+
+
+def _env_int(env: Mapping[str, str], name: str, who: str) -> int:
+    try:
+        return int(env[name])
+    except KeyError:
+        raise InputError(f"{who} sets some of its variables but not {name}; pass --shard K/N instead") from None
+    except ValueError:
+        raise InputError(f"{name}={_short(env[name], 40)!r} (from {who}) is not an integer") from None
+
+
+def _rank_share(env: Mapping[str, str], rank: str, size: str, who: str) -> tuple[int, int]:
+    k, n = _env_int(env, rank, who), _env_int(env, size, who)
+    if not 0 <= k < n:
+        raise InputError(f"{rank}={k} is outside 0..{size}-1 = 0..{n - 1} (from {who}); pass --shard K/N instead")
+    return k, n
+
+
+def _slurm_array_share(env: Mapping[str, str]) -> tuple[int, int]:
+    who = "a Slurm job array"
+    task, count = _env_int(env, "SLURM_ARRAY_TASK_ID", who), _env_int(env, "SLURM_ARRAY_TASK_COUNT", who)
+    first, last = _env_int(env, "SLURM_ARRAY_TASK_MIN", who), _env_int(env, "SLURM_ARRAY_TASK_MAX", who)
+    step = _env_int(env, "SLURM_ARRAY_TASK_STEP", who) if "SLURM_ARRAY_TASK_STEP" in env else 1
+    evenly = count >= 1 and step >= 1 and last - first == step * (count - 1)
+    if not evenly or not first <= task <= last or (task - first) % step:
+        raise InputError(f"the Slurm array's task ids are not an evenly spaced range ({first}-{last}:{step}, {count} "
+                         f"task(s), this one {task}), so its share of the inputs cannot be worked out; use a range "
+                         "like --array=0-63 or 0-63:2, or pass --shard K/N")
+    return (task - first) // step, count
 
 
 def take_shard(items: list[InputSpec], k: int, n: int) -> list[InputSpec]:

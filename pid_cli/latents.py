@@ -10,12 +10,13 @@ anything it cannot place unambiguously, with an error naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from pid_cli.files import is_regular
 from pid_cli.registry import Latent
 
 LATENT_SUFFIXES = (".safetensors", ".latent", ".pt", ".pth", ".npy", ".npz")
@@ -99,61 +101,107 @@ def sniff_container(path: Path) -> str | None:
     return None
 
 
+MAX_LATENT_BYTES = 256 << 20  # one latent tensor as stored: 64 FLUX latents of a 1024 px image are 67 MB
+MAX_ARCHIVE_MEMBERS = 10_000  # arrays an .npz may list (only the one used is read)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What a container's header says about one tensor, before any of its data is read."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+
+
 def read_latent_file(path: str | Path, key: str | None = None) -> LatentFile:
-    """Read one latent tensor (and metadata) from any supported container. Pickles are read
-    with `weights_only=True`: tensors and plain containers only, never code."""
+    """Read one latent tensor (and metadata) from any supported container. Only the tensor used is read, and
+    only after its header says it is no larger than MAX_LATENT_BYTES: a sparse or hostile file claiming
+    gigabytes is refused before they are read. Pickles are read with `weights_only=True`: tensors and plain
+    containers only, never code."""
     path = Path(path)
+    if not is_regular(path):  # a FIFO blocks and a device never ends; collect_inputs refused them, but names change
+        raise LatentError(f"{path}: no such file" if not os.path.exists(path) else
+                          f"{path}: not a regular file (a FIFO, device or folder); pid reads only regular files")
     kind = container_of(path)
     try:
-        if kind in (".safetensors", ".latent"):
-            tensors, meta = _read_safetensors(path)
-        elif kind in (".pt", ".pth"):
-            tensors, meta = _read_torch(path)
-        else:
-            tensors, meta = _read_numpy(path, kind)
+        opener = {".safetensors": _open_safetensors, ".latent": _open_safetensors, ".pt": _open_torch,
+                  ".pth": _open_torch, ".npy": _open_npy}.get(kind, _open_npz)
+        with opener(path) as (entries, load, meta):
+            comfyui = kind == ".latent" or (COMFYUI_MARKER in entries and COMFYUI_TENSOR in entries)
+            name = (key or COMFYUI_TENSOR) if comfyui else _choose(path, entries, key)
+            if name not in entries:
+                what = "a ComfyUI latent file holds its latent as " + repr(COMFYUI_TENSOR) if comfyui else "no tensor"
+                raise LatentError(f"{path}: {what}{'' if comfyui else f' named {name!r}'}; this one holds "
+                                  f"{', '.join(sorted(entries)) or 'no tensors'} (choose one with --key)")
+            entry = entries[name]
+            if math.prod(entry.shape) * entry.itemsize > MAX_LATENT_BYTES:
+                raise LatentError(f"{path}: tensor {name!r} {list(entry.shape)} holds "
+                                  f"{math.prod(entry.shape) * entry.itemsize} bytes, more than the {MAX_LATENT_BYTES} "
+                                  "a latent may hold; split the batch into several files")
+            tensor = load(name)
     except LatentError:
         raise
     except Exception as e:  # parsers raise anything on hostile bytes (SafetensorError, tokenize.TokenError, …)
         raise LatentError(f"{path}: cannot read latent file ({type(e).__name__}: {_clip(str(e))})") from e
-    if kind == ".latent" or (COMFYUI_MARKER in tensors and COMFYUI_TENSOR in tensors):  # also a renamed copy
-        return _comfyui_latent(path, tensors, meta, key)
+    if comfyui:
+        return _comfyui_latent(tensor, entries, path, meta)
     container = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}.get(kind, "numpy")
-    return LatentFile(path, _pick(path, tensors, key), meta, container)
+    return LatentFile(path, tensor, meta, container)
 
 
-def _comfyui_latent(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any], key: str | None) -> LatentFile:
+def _comfyui_latent(tensor: Tensor, entries: dict[str, _Entry], path: Path, meta: dict[str, Any]) -> LatentFile:
     """A ComfyUI latent as its LoadLatent would load it; extra tensors beside it (noise_mask, batch_index) are
     not the latent, and its metadata is ComfyUI's record of the graph, not pid's keys (its `prompt` is the
     whole graph, not a caption): it travels into the PNG as provenance."""
-    name = key or COMFYUI_TENSOR
-    if name not in tensors:
-        raise LatentError(f"{path}: a ComfyUI latent file holds its latent as {COMFYUI_TENSOR!r}; this one holds "
-                          f"{', '.join(sorted(tensors)) or 'no tensors'} (choose one with --key)")
-    tensor = tensors[name]
-    if COMFYUI_MARKER not in tensors and tensor.is_floating_point():
+    if COMFYUI_MARKER not in entries and tensor.is_floating_point():
         tensor = tensor.float() * COMFYUI_LEGACY_SCALE
     provenance = {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
     return LatentFile(path, tensor, {}, "comfyui", provenance)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _choose(path: Path, entries: dict[str, _Entry], key: str | None) -> str:
+    """The tensor a file's latent is: --key, its only (non-empty) tensor, or a conventional name."""
+    if key is not None:
+        return key
+    names = [k for k, e in entries.items() if math.prod(e.shape) or len(entries) == 1]  # empty markers aren't latents
+    if len(names) == 1:
+        return names[0]
+    for name in _LATENT_KEYS:
+        if name in names:
+            return name
+    if not names:
+        raise LatentError(f"{path}: holds no tensors")
+    raise LatentError(f"{path}: holds several tensors ({', '.join(sorted(names))}); choose one with --key")
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[tuple[dict[str, _Entry], Callable[[str], Tensor], dict[str, Any]]]:
+    """safetensors checks its header against the file's size itself; shapes come from it before any data."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:  # safetensors only opens UTF-8 paths: read undecodable names from memory
         from safetensors.torch import load
 
+        if path.stat().st_size > MAX_LATENT_BYTES + (16 << 20):
+            raise LatentError(f"{path}: {path.stat().st_size} bytes, more than a latent file may hold") from None
         data = path.read_bytes()
-        return load(data), safetensors_metadata(data)
+        tensors = load(data)
+        yield ({k: _Entry(tuple(t.shape), t.element_size()) for k, t in tensors.items()}, tensors.__getitem__,
+               safetensors_metadata(data))
+        return
     with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    return tensors, meta
+        entries = {k: _Entry(tuple(f.get_slice(k).get_shape()), _ST_ITEMSIZE.get(f.get_slice(k).get_dtype(), 8))
+                   for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        yield entries, f.get_tensor, dict(f.metadata() or {})
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors file's bytes (already validated by safetensors' own reader)."""
     import json
-    import struct
 
     (n,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
@@ -168,7 +216,11 @@ def _check_zip_budget(path: Path, zf: zipfile.ZipFile) -> None:
     """Refuse an archive whose members would unpack to more than MAX_UNPACKED_BYTES, or claim more than
     deflate can produce: readers allocate the declared size before they find out it was a lie."""
     total = 0
-    for info in zf.infolist():
+    infos = zf.infolist()
+    if len(infos) > MAX_ARCHIVE_MEMBERS:
+        raise LatentError(f"{path}: archive lists {len(infos)} members, more than the {MAX_ARCHIVE_MEMBERS} a latent "
+                          "file may hold")
+    for info in infos:
         if info.compress_type != zipfile.ZIP_STORED and info.file_size > info.compress_size * _MAX_DEFLATE_RATIO + 4096:
             raise LatentError(f"{path}: archive member {info.filename!r} claims {info.file_size} bytes from "
                               f"{info.compress_size} compressed: corrupt or hostile file")
@@ -178,7 +230,9 @@ def _check_zip_budget(path: Path, zf: zipfile.ZipFile) -> None:
                           "file may hold; split it into several files")
 
 
-def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+@contextlib.contextmanager
+def _open_torch(path: Path) -> Iterator[tuple[dict[str, _Entry], Callable[[str], Tensor], dict[str, Any]]]:
+    """torch.load memory-maps the archive, so storages are paged in only when the chosen tensor is copied."""
     import pickle
 
     if not zipfile.is_zipfile(path):  # the pre-1.6 format allocates storages at the sizes the pickle claims
@@ -187,7 +241,7 @@ def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     with zipfile.ZipFile(path) as zf:
         _check_zip_budget(path, zf)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise LatentError(f"{path}: refused: the pickle holds objects other than tensors and plain values "
                           f"(pid never executes code from input files)") from e
@@ -203,29 +257,41 @@ def _read_torch(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             raise LatentError(f"{path}: tensor {k!r} {list(t.shape)} is not a plain dense tensor (sparse, or a "
                               "view larger than its storage); save tensor.contiguous() instead")
     meta = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
-    return tensors, meta
+    yield ({k: _Entry(tuple(t.shape), t.element_size()) for k, t in tensors.items()},
+           lambda name: tensors[name].clone(), meta)  # a copy: the mapping closes with the file
 
 
-def _read_numpy(path: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """`.npy`/`.npz` without np.load, which allocates whatever shape a header declares before reading:
-    each header is checked against the bytes actually present first. Never unpickles."""
-    if kind == ".npy":
-        with open(path, "rb") as fh:
-            arrays = {"latent": _read_npy(fh, os.fstat(fh.fileno()).st_size, f"{path}")}
-    else:
-        arrays = {}
-        with zipfile.ZipFile(path) as zf:
-            _check_zip_budget(path, zf)
-            for info in zf.infolist():
-                if info.is_dir() or not info.filename.endswith(".npy"):
-                    continue
-                with zf.open(info) as fh:
-                    arrays[info.filename[:-4]] = _read_npy(fh, info.file_size, f"{path}[{info.filename}]")
-    return {k: torch.from_numpy(a) for k, a in arrays.items()}, {}
+@contextlib.contextmanager
+def _open_npy(path: Path) -> Iterator[tuple[dict[str, _Entry], Callable[[str], Tensor], dict[str, Any]]]:
+    """`.npy` without np.load, which allocates whatever shape a header declares: the header is checked against
+    the bytes present and the size cap first. Never unpickles."""
+    with open(path, "rb") as fh:
+        header = _npy_header(fh, os.fstat(fh.fileno()).st_size, f"{path}")
+        yield {"latent": _Entry(header[0], header[2].itemsize)}, lambda _: _npy_data(fh, header, f"{path}"), {}
 
 
-def _read_npy(fh: Any, available: int, where: str) -> np.ndarray:
-    """One .npy payload from a binary stream holding `available` bytes (header included)."""
+@contextlib.contextmanager
+def _open_npz(path: Path) -> Iterator[tuple[dict[str, _Entry], Callable[[str], Tensor], dict[str, Any]]]:
+    """`.npz`: every member's header is read (a few bytes each), the data of only the member used."""
+    with zipfile.ZipFile(path) as zf:
+        _check_zip_budget(path, zf)
+        members = {info.filename[:-4]: info for info in zf.infolist()
+                   if not info.is_dir() and info.filename.endswith(".npy")}
+        headers = {}
+        for name, info in members.items():
+            with zf.open(info) as fh:
+                headers[name] = _npy_header(fh, info.file_size, f"{path}[{info.filename}]")
+
+        def load(name: str) -> Tensor:
+            with zf.open(members[name]) as fh:
+                where = f"{path}[{members[name].filename}]"
+                return _npy_data(fh, _npy_header(fh, members[name].file_size, where), where)
+
+        yield {k: _Entry(h[0], h[2].itemsize) for k, h in headers.items()}, load, {}
+
+
+def _npy_header(fh: Any, available: int, where: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data bytes) of a .npy stream holding `available` bytes, header included."""
     from numpy.lib import format as npf
 
     start = fh.tell()
@@ -245,27 +311,16 @@ def _read_npy(fh: Any, available: int, where: str) -> np.ndarray:
     if nbytes > available - header:
         raise LatentError(f"{where}: header declares shape {list(shape)} ({nbytes} bytes) but the file holds "
                           f"{max(available - header, 0)} bytes of data (truncated or corrupt)")
+    return tuple(shape), fortran, dtype, nbytes
+
+
+def _npy_data(fh: Any, header: tuple[tuple[int, ...], bool, np.dtype, int], where: str) -> Tensor:
+    shape, fortran, dtype, nbytes = header
     data = fh.read(nbytes)  # grows with the data actually read, never by what a header claims
     if len(data) != nbytes:
         raise LatentError(f"{where}: truncated: expected {nbytes} bytes of array data, found {len(data)}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    return np.array(array, dtype=dtype.newbyteorder("="), order="C")  # writable, native byte order
-
-
-def _pick(path: Path, tensors: dict[str, Tensor], key: str | None) -> Tensor:
-    if key is not None:
-        if key not in tensors:
-            raise LatentError(f"{path}: no tensor named {key!r} (found: {', '.join(sorted(tensors)) or 'none'})")
-        return tensors[key]
-    tensors = {k: t for k, t in tensors.items() if t.numel() or len(tensors) == 1}  # empty markers are not latents
-    if len(tensors) == 1:
-        return next(iter(tensors.values()))
-    for name in _LATENT_KEYS:
-        if name in tensors:
-            return tensors[name]
-    if not tensors:
-        raise LatentError(f"{path}: holds no tensors")
-    raise LatentError(f"{path}: holds several tensors ({', '.join(sorted(tensors))}); choose one with --key")
+    return torch.from_numpy(np.array(array, dtype=dtype.newbyteorder("="), order="C"))  # writable, native order
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pid_cli.files import MAX_TEXT_BYTES, NotRegularFile, read_text
+
 
 def short(value: object, limit: int = 200) -> str:
     """A value for an error message, cut so a hostile line cannot flood the terminal."""
@@ -20,7 +22,9 @@ def short(value: object, limit: int = 200) -> str:
 def read_rows(path: Path, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; any problem raises `error` naming the line."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM must not become part of the first line
+        text = read_text(path, MAX_TEXT_BYTES, "manifest")  # a BOM must not become part of the first line
+    except NotRegularFile as e:
+        raise error(str(e)) from e
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"{path}: cannot read manifest as UTF-8 text ({e})") from e
     rows = []

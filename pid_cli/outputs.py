@@ -5,8 +5,13 @@ into place (refusing an existing file) or rename it over one with `--overwrite`.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import os
+import re
+import secrets
+import stat
 import struct
 import tempfile
 import time
@@ -86,46 +91,96 @@ def _png16(image: np.ndarray, text: dict[str, str], level: int, plain: set[str])
     return b"".join(out)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+PARTIAL_PATTERN = re.compile(r"\.pid-[0-9a-f]{16}\.part")  # what write_atomic names its temporary files
+_OLD_PARTIAL_PATTERN = re.compile(r"\..+\.png\.[a-z0-9_]{8}\.part")  # what pid 0.1 named them before hardening round 2
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
-
-
-def write_atomic(path: Path, data: bytes, overwrite: bool = False) -> None:
+def write_atomic(path: Path, data: bytes, overwrite: bool = False, root: Path | None = None) -> None:
     """Write `data` to `path` all-or-nothing. Without `overwrite`, an existing `path` raises
     OutputExists and is left untouched (two writers never both produce one file).
+
+    With `root` (the output folder), every folder between it and `path` is opened without following symlinks
+    and the file is written and published relative to the last one: a sub-folder swapped for a link while a
+    run goes on makes the write fail, never land outside `root`.
 
     The temporary file stays locked (flock) until it is linked into place and removed, so
     `clean_partials` in another process sharing the folder never deletes it mid-write; the lock dies
     with the process, so the files a `kill -9` leaves behind are cleaned by the next run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        _lock(fd, blocking=True)
-        if os.fstat(fd).st_nlink:
-            break
-        os.close(fd)  # a cleaner removed it between mkstemp and the lock: make another
+    if root is None:
+        root = path.parent
+        root.mkdir(parents=True, exist_ok=True)
+    parts = path.parent.relative_to(root).parts if path.parent != root else ()
+    folder = open_folder(root, parts, create=True)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode any new file would
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and fails if the name exists
-            except FileExistsError:
-                raise OutputExists(f"{path}: already exists (written by another process?)") from None
+        while True:
+            tmp = partial_name(path.name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                         0o666, dir_fd=folder)  # the umask applies, as to any new file
+            _lock(fd, blocking=True)
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)  # a cleaner removed it between creation and the lock: make another
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            if overwrite:
+                os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            else:
+                try:  # atomic and fails if the name exists
+                    os.link(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+                except FileExistsError:
+                    raise OutputExists(f"{path}: already exists (written by another process?)") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=folder)
+            os.close(fd)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        os.close(folder)
+
+
+def partial_name(final: str) -> str:
+    """A temporary file's name: pid's mark, 8 hex digits of the final name's hash (which output it becomes) and
+    8 random ones. Short whatever the final name, so a name the file system takes is never refused for it."""
+    return f".pid-{hashlib.sha1(final.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}{secrets.token_hex(4)}.part"
+
+
+def open_folder(root: Path, parts: tuple[str, ...], create: bool = False) -> int:
+    """A descriptor of root/parts..., each part opened without following a symlink (made with `create`)."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise OSError(errno.EINVAL, f"{root}: the output path leaves it ({part!r})")
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            try:
+                sub = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OSError(e.errno, f"{part!r} under {root} is a symlink or not a folder: pid writes only "
+                                  "into real folders inside --out") from None
+                raise
+            os.close(fd)
+            fd = sub
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def ignores_case(folder: Path) -> bool:
+    """Whether the file system holding `folder` treats A.png and a.png as one name (macOS and Windows defaults)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pid-Case-") as probe:
+            name = os.path.basename(probe.name)
+            return os.path.exists(os.path.join(folder, name.swapcase()))
+    except OSError:
+        return False
 
 
 def check_writable(out_dir: Path) -> None:
@@ -156,22 +211,33 @@ PARTIAL_GRACE_S = 60.0  # without locks: a temporary file younger than this may 
 
 
 def clean_partials(out_dir: Path) -> int:
-    """Remove temporary files left by a killed run (they never carry a final name). A file another
-    process is still writing is locked (or brand new) and is left alone."""
+    """Remove the temporary files killed runs left (named by write_atomic, so provably pid's; they never carry a
+    final name). A file another process is still writing is locked (or brand new) and is left alone; so is any
+    other hidden file, whoever made it. Symlinked folders are not followed."""
     removed = 0
     now = time.time()
-    for p in out_dir.rglob(".*.part"):
-        try:
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            locked = _lock(fd, blocking=False)
-            if locked or (locked is None and now - os.fstat(fd).st_mtime >= PARTIAL_GRACE_S):
-                p.unlink()
-                removed += 1
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    for folder, _, names in os.walk(out_dir, followlinks=False):
+        for name in names:
+            if not (PARTIAL_PATTERN.fullmatch(name) or _OLD_PARTIAL_PATTERN.fullmatch(name)):
+                continue
+            try:
+                dfd = os.open(folder, _DIR_FLAGS | _NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd)
+            except OSError:
+                os.close(dfd)
+                continue
+            try:
+                st = os.fstat(fd)
+                locked = _lock(fd, blocking=False) if stat.S_ISREG(st.st_mode) else False
+                if locked or (locked is None and now - st.st_mtime >= PARTIAL_GRACE_S):
+                    os.unlink(name, dir_fd=dfd)
+                    removed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+                os.close(dfd)
     return removed

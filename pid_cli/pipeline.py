@@ -83,9 +83,13 @@ _GATE = CompileGate()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/'auto' → the first GPU if there is one, else the CPU."""
+    """`None`/'auto' → this process's GPU if there is one, else the CPU. Under torchrun (LOCAL_RANK) or an srun
+    step (SLURM_LOCALID) each process of a node takes its own GPU of those it sees, not all of them the first."""
     if device is None or device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        return torch.device(f"cuda:{int(local) % torch.cuda.device_count() if local.isdigit() else 0}")
     return torch.device(device)
 
 

@@ -15,12 +15,14 @@ Sources, first match wins (per input):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
+from pid_cli.files import MAX_SIDECAR_BYTES, MAX_TEXT_BYTES, NotRegularFile, read_text
 from pid_cli.latents import COMFYUI_MARKER
 from pid_cli.manifest import read_rows
 
@@ -62,7 +64,7 @@ def is_manifest(path: Path) -> bool:
 
 def read_prompt_lines(path: Path) -> list[str]:
     """Non-blank lines of a text prompt file, whitespace-stripped, in order."""
-    lines = _read_text(path).splitlines()
+    lines = _read_text(path, MAX_TEXT_BYTES, "prompt file").splitlines()
     return [s for line in lines if (s := line.strip())]
 
 
@@ -139,8 +141,8 @@ def resolve_prompts(inputs: Sequence[Path], *, prompt: str | None = None, prompt
 
 def _own_prompt(inp: Path, sidecars: bool, metadata: bool) -> Prompt:
     """What an input says about its prompt itself: sidecar, then metadata, then the default."""
-    if sidecars and inp.suffix.lower() != ".txt" and (side := sidecar_path(inp)).is_file():
-        return Prompt(_read_text(side).strip(), str(side))
+    if sidecars and inp.suffix.lower() != ".txt" and os.path.lexists(side := sidecar_path(inp)):
+        return Prompt(_read_text(side, MAX_SIDECAR_BYTES, "sidecar prompt").strip(), str(side))
     if metadata and inp.suffix == ".safetensors" and inp.is_file() and (meta := metadata_prompt(inp)) is not None:
         return Prompt(meta, f"metadata of {inp}")
     return Prompt(DEFAULT_PROMPT, "default (empty caption)")
@@ -171,10 +173,13 @@ def _canonical(p: Path) -> Path:
     return Path(p).expanduser().resolve(strict=False)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limit: int, what: str) -> str:
+    """A regular text file of at most `limit` bytes (a FIFO or device named as a prompt would block or never end)."""
     try:
-        return Path(path).read_text(encoding="utf-8-sig")  # a BOM must not become part of a prompt
+        return read_text(path, limit, what)  # a BOM must not become part of a prompt
     except FileNotFoundError as exc:
         raise PromptSourceError(f"{path}: file not found") from exc
+    except NotRegularFile as exc:
+        raise PromptSourceError(str(exc)) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptSourceError(f"{path}: cannot read as UTF-8 text ({exc})") from exc

@@ -2,7 +2,9 @@
 
 All model knowledge lives in `registry.yaml` so that supporting a new checkpoint (or a user's fine-tune) is a
 data change, not a new code branch. User files (`--registry FILE`, `$PID_REGISTRY`) use the same schema and
-are validated on load; every error names the file, the entry and the field so a typo is quick to find.
+are validated on load; every error names the file, the entry and the field so a typo is quick to find. Values
+that become paths (repo ids, Hub file paths, revisions, entry ids) must stay inside their folder, and a registry
+path must be a regular file (a FIFO or a device would block or never end).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import copy
 import itertools
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,13 @@ _TOP_KEYS = {"version", "targets", "default_variants", "aliases", "shared", "ent
 _ENTRY_KEYS = {"id", "base", "backbone", "variant", "answers_to", "superseded", "experiment", "hub", "path",
                "tensor_bytes", "num_tensors", "net_config", "latent", "vae", "text_encoder", "sampler",
                "sr_scale", "output_sizes", "licence"}
-_REPO_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Hugging Face repo ids (huggingface_hub's validate_repo_id, ASCII only, with the owner required): each part
+# starts and ends with a letter, digit or '_', has no '--' or '..', at most 96 characters.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_REPO_RE = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
+# Entry ids name files (`<id>.safetensors` of `pid convert`): one file-name-like token, never a path.
+_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 _DEFAULT_ALLOW = ("*.json", "*.safetensors", "*.model")
@@ -159,6 +168,51 @@ def normalise_variant(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Names that become paths
+
+
+def path_problem(path: str) -> str | None:
+    """Why a repo file path (or a revision) is unsafe to join to a folder, or None when it is safe.
+
+    Hub paths and revisions become local paths (`<dir>/<owner>/<repo>/<path>`, the HF cache's snapshots/ and
+    refs/), from the registry or from whatever an HF_ENDPOINT mirror lists, so each must stay inside its folder
+    on POSIX and Windows alike: '/'-separated, relative, no '..', '.' or empty components, no drive letters."""
+    if not path:
+        return "is empty"
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        return "contains a NUL or control character"
+    if "\\" in path:
+        return "contains a backslash"
+    if path.startswith("/"):
+        return "is absolute"
+    parts = path.split("/")
+    if "" in parts:
+        return "has an empty component ('//' or a trailing '/')"
+    for dots in ("..", "."):
+        if dots in parts:
+            return f"has a {dots!r} component"
+    if any(_DRIVE_RE.match(p) for p in parts):
+        return "has a drive letter ('C:')"
+    return None
+
+
+def repo_id_problem(repo: str) -> str | None:
+    """Why `repo` is not a Hugging Face repo id ('owner/name'), or None; the id becomes `<dir>/<owner>/<name>`."""
+    if _REPO_RE.fullmatch(repo) and "--" not in repo and ".." not in repo and not repo.endswith(".git"):
+        return None
+    return ("expected 'owner/name' (letters, digits, '-', '_', '.'; each part starts and ends with a letter, "
+            "digit or '_'; no '--' or '..'; not ending in '.git')")
+
+
+def entry_id_problem(entry_id: str) -> str | None:
+    """Why `entry_id` is not a safe id, or None: ids name files (`<cache>/converted/<id>.safetensors`)."""
+    if _ID_RE.fullmatch(entry_id) and ".." not in entry_id:
+        return None
+    return ("expected a file-name-like id (letters, digits, '.', '_', '-', '+'; starting with a letter, digit "
+            "or '_'; no '/', '\\' or '..'; at most 128 characters)")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Parsing and validation
 
 
@@ -223,21 +277,34 @@ def _file_ref(where: _Where, data: Any, fld: str, base_dir: Path) -> FileRef:
         raise where.error(fld, f"expected a mapping with repo/path, got {_typename(data)}")
     _check_keys(where, data, {"repo", "path", "revision", "size", "sha256"}, f"{fld}.")
     path = _get(where, data, "path", str, f"{fld}.")
-    repo = _get(where, data, "repo", str, f"{fld}.", required=False)
-    if repo is not None and not _REPO_RE.match(repo):
-        raise where.error(f"{fld}.repo", f"expected 'owner/name', got {repo!r}")
+    repo = _hub_repo(where, data, fld)
     sha = _get(where, data, "sha256", str, f"{fld}.", required=False)
-    if sha is not None and not _SHA256_RE.match(sha.lower()):
+    if sha is not None and not _SHA256_RE.fullmatch(sha.lower()):
         raise where.error(f"{fld}.sha256", "expected 64 hexadecimal digits")
-    if repo is not None and (path.startswith("/") or ".." in path.split("/")):
-        raise where.error(f"{fld}.path", f"must be relative to the repo root, got {path!r}")
+    if repo is not None and (problem := path_problem(path)) is not None:
+        raise where.error(f"{fld}.path", f"must be a relative path inside the repo, got {path!r}: it {problem}")
     return FileRef(
         path=path if repo is not None else _local_path(base_dir, path),
         repo=repo,
-        revision=_get(where, data, "revision", str, f"{fld}.", required=False, default="main"),
+        revision=_revision(where, data, fld),
         size=_positive(where, f"{fld}.size", _get(where, data, "size", int, f"{fld}.", required=False)),
         sha256=sha.lower() if sha else None,
     )
+
+
+def _hub_repo(where: _Where, data: Mapping, fld: str) -> str | None:
+    repo = _get(where, data, "repo", str, f"{fld}.", required=False)
+    if repo is not None and (problem := repo_id_problem(repo)) is not None:
+        raise where.error(f"{fld}.repo", f"{problem}, got {repo!r}")
+    return repo
+
+
+def _revision(where: _Where, data: Mapping, fld: str) -> str:
+    """A branch, tag or commit; huggingface_hub keeps `refs/<revision>` in its cache, so it is a path too."""
+    revision = _get(where, data, "revision", str, f"{fld}.", required=False, default="main")
+    if (problem := path_problem(revision)) is not None:
+        raise where.error(f"{fld}.revision", f"expected a branch, tag or commit, got {revision!r}: it {problem}")
+    return revision
 
 
 def _repo_ref(where: _Where, data: Any, fld: str, base_dir: Path) -> RepoRef:
@@ -248,15 +315,14 @@ def _repo_ref(where: _Where, data: Any, fld: str, base_dir: Path) -> RepoRef:
     path = _get(where, data, "path", str, f"{fld}.", required=False)
     if (repo is None) == (path is None):
         raise where.error(fld, "give exactly one of 'repo' (Hugging Face model) or 'path' (local folder)")
-    if repo is not None and not _REPO_RE.match(repo):
-        raise where.error(f"{fld}.repo", f"expected 'owner/name', got {repo!r}")
+    _hub_repo(where, data, fld)
     patterns = _get(where, data, "allow_patterns", list, f"{fld}.", required=False, default=list(_DEFAULT_ALLOW))
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise where.error(f"{fld}.allow_patterns", "expected a non-empty list of glob patterns")
     return RepoRef(
         repo=repo,
         path=_local_path(base_dir, path) if path is not None else None,
-        revision=_get(where, data, "revision", str, f"{fld}.", required=False, default="main"),
+        revision=_revision(where, data, fld),
         allow_patterns=tuple(patterns),
     )
 
@@ -387,10 +453,13 @@ def _parse_entry(where: _Where, data: Mapping[str, Any], base_dir: Path, source:
         _check_keys(where, licence, {"name", "url"}, "licence.")
         licence = Licence(_get(where, licence, "name", str, "licence."),
                           _get(where, licence, "url", str, "licence.", required=False))
+    entry_id = _get(where, data, "id", str)
+    if (problem := entry_id_problem(entry_id)) is not None:
+        raise where.error("id", f"{problem}, got {entry_id!r}")
     vae = data.get("vae")
     text = data.get("text_encoder")
     return Entry(
-        id=_get(where, data, "id", str),
+        id=entry_id,
         backbone=_get(where, data, "backbone", str).strip().lower(),
         variant=normalise_variant(_get(where, data, "variant", str)),
         answers_to=tuple(normalise_variant(a) for a in answers),
@@ -522,12 +591,30 @@ MAX_REGISTRY_BYTES = 16 << 20  # the built-in registry is ~30 KB
 MAX_REGISTRY_NODES = 100_000  # values after expanding YAML aliases (the built-in registry: ~2,600)
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """Up to `limit` bytes of a regular file (symlinks followed). A FIFO would block the open until a writer
+    comes and a device (/dev/zero, a tty) reads without end, so anything else is refused before it is opened,
+    and the open itself never blocks (O_NONBLOCK, checked again on the descriptor in case the path changed)."""
+    def refuse(st: os.stat_result) -> RegistryError:
+        mode = st.st_mode
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or another special file")
+        return RegistryError(f"{path}: a registry must be a regular YAML file, this is {kind}")
+
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_REGISTRY_BYTES + 1)
+        if not stat.S_ISREG((st := os.stat(path)).st_mode):
+            raise refuse(st)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG((st := os.fstat(fd)).st_mode):
+                raise refuse(st)
+            return fh.read(limit)
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read registry file: {exc.strerror or exc}") from exc
+
+
+def _read_yaml(path: Path) -> Any:
+    raw = _read_regular_file(path, MAX_REGISTRY_BYTES + 1)
     if len(raw) > MAX_REGISTRY_BYTES:
         raise RegistryError(f"{path}: registry file is larger than {MAX_REGISTRY_BYTES >> 20} MB")
     try:

@@ -29,7 +29,7 @@ from pid_cli import __version__
 from pid_cli.baselines import Baseline, baseline_paths, render
 from pid_cli.colorfix import METHODS as COLOR_FIX_METHODS
 from pid_cli.imageinput import ImagePlan, fit_sizes, load_image, plan_image
-from pid_cli.images import read_image
+from pid_cli.images import image_pixels, read_image
 from pid_cli.inputs import (
     DEFAULT_TEMPLATE,
     IMAGE_SUFFIXES,
@@ -53,7 +53,7 @@ from pid_cli.latents import (
     training_sigma,
 )
 from pid_cli.model import layers
-from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, write_atomic
+from pid_cli.outputs import OutputExists, check_writable, clean_partials, encode_png, ignores_case, write_atomic
 from pid_cli.pipeline import Decoder, HostPixels, finite_items, resolve_device, to_uint
 from pid_cli.registry import Entry
 from pid_cli.split import check_split
@@ -170,8 +170,7 @@ class Records:
         self.manifest_out = manifest_out
         try:
             self.file = open(manifest_out, "a", encoding="utf-8") if manifest_out else None  # noqa: SIM115
-            if self.file is not None and self.file.tell() and _last_byte(manifest_out) != b"\n":
-                self.file.write("\n")  # a run killed mid-record left a partial line: start a fresh one
+            self.fresh_line = self.file is not None and self.file.tell() > 0 and _last_byte(manifest_out) != b"\n"
         except OSError as e:
             raise InputError(f"--manifest-out {manifest_out}: cannot open for appending ({e.strerror or e})") from e
         self.stdout = stdout
@@ -200,10 +199,12 @@ class Records:
         except UnicodeEncodeError:  # undecodable bytes of a file name: \udcXX escapes keep the JSON exact
             line = json.dumps(record)
         with self.lock:
+            if self.fresh_line:  # a run killed mid-record left a partial line: start a fresh one
+                line, self.fresh_line = "\n" + line, False
             for f in (self.file, self.stdout):
                 if f is not None:
                     try:
-                        f.write(line + "\n")
+                        f.write((line if f is self.file else line.lstrip("\n")) + "\n")
                         f.flush()
                     except OSError as e:  # a full disk must not take the run (and every later record) down
                         if not self.lost:
@@ -254,16 +255,19 @@ def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | No
         from pid_cli.workers import run_per_device
 
         return run_per_device(job)
-    clean_partials(job.out)
-    found = collect_job_inputs(job)
-    specs = take_shard(found, *job.shard) if job.shard is not None else found
     previous = {}
     if stop is None:
         stop = threading.Event()
-        previous = _install_signal_handlers(stop)  # first: an interrupt once records exist still writes them all
+        previous = _install_signal_handlers(stop)  # first: an interrupt from here on still leaves every record
     records: Records | None = None
+    found: list[InputSpec] = []
+    specs: list[InputSpec] = []
     try:
         records = Records(job.manifest_out, sys.stdout if job.json_stdout else None, report)
+        clean_partials(job.out)
+        found = collect_job_inputs(job)
+        check_records_path(job, found)
+        specs = take_shard(found, *job.shard) if job.shard is not None else found
         session = _Session(job, records, stop, report)
         session.prepass(specs)
         if session.items and not stop.is_set():
@@ -282,6 +286,18 @@ def run(job: DecodeJob, report: Report | None = None, stop: threading.Event | No
     if stop.is_set():
         return EXIT_INTERRUPTED
     return EXIT_FAILED if records.counts["failed"] or records.lost else EXIT_OK
+
+
+def check_records_path(job: DecodeJob, specs: list[InputSpec]) -> None:
+    """--manifest-out appends records: it must not be one of the inputs (or their sidecars), which it would
+    corrupt."""
+    if job.manifest_out is None:
+        return
+    target = os.path.realpath(job.manifest_out)
+    for spec in specs:
+        if target in (os.path.realpath(spec.path), os.path.realpath(spec.path.with_suffix(".txt"))):
+            raise InputError(f"--manifest-out {job.manifest_out} is the input {spec.path} (or its prompt); records "
+                             "appended to it would corrupt it: choose another file")
 
 
 def nothing_to_decode(job: DecodeJob, found: int) -> str:
@@ -325,7 +341,7 @@ def check_job(job: DecodeJob) -> None:
 
 def collect_job_inputs(job: DecodeJob) -> list[InputSpec]:
     """Every input the run names: collected, sorted, outputs of earlier runs left out (before sharding)."""
-    return _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive), job)
+    return _drop_earlier_outputs(collect_inputs(job.inputs, recursive=job.recursive, note=job.note), job)
 
 
 def job_inputs(job: DecodeJob) -> list[InputSpec]:
@@ -418,6 +434,40 @@ def probe_input(job: DecodeJob, spec: InputSpec) -> Probe:
     return Probe(1, (job.entry.latent.channels, plan.height // f, plan.width // f), {}, plan)
 
 
+PREPASS_MEMORY = 2 << 30  # bytes the prepass threads may hold at once while reading and checking inputs
+
+
+def probe_cost(spec: InputSpec) -> int:
+    """Bytes reading one input may hold at its peak, from its size alone: an image ~20 bytes a pixel (the decoded
+    array, float copies, a resize), a latent four times its file (as read, in float32, normalised, and the other
+    reading `scale_warning` compares)."""
+    try:
+        return 20 * image_pixels(spec.path) if spec.is_image else 4 * spec.path.stat().st_size
+    except (OSError, ValueError):  # unreadable or refused: probe_input says why, and holds next to nothing
+        return 0
+
+
+class _Budget:
+    """A count of bytes that threads take before work and give back after: many small inputs go in parallel, a
+    large one waits for room (one larger than the whole budget runs alone)."""
+
+    def __init__(self, total: int):
+        self.total, self.free = total, total
+        self.changed = threading.Condition()
+
+    def run(self, cost: int, fn: Callable[..., Any], *args: Any) -> Any:
+        cost = min(cost, self.total)
+        with self.changed:
+            self.changed.wait_for(lambda: self.free >= cost)
+            self.free -= cost
+        try:
+            return fn(*args)
+        finally:
+            with self.changed:
+                self.free += cost
+                self.changed.notify_all()
+
+
 def _fit_candidates(job: DecodeJob) -> list[tuple[int, int]]:
     sizes = fit_sizes(job.entry, TARGET_LONG_SIDE[job.target] if job.target else None)
     if not sizes:
@@ -447,13 +497,16 @@ class _Session:
     def __init__(self, job: DecodeJob, records: Records, stop: threading.Event, report: Report | None = None):
         self.job, self.records, self.stop, self.report = job, records, stop, report
         self.items: list[Item] = []
-        self.states: dict[Path, InputState] = {}
+        self.states: dict[InputSpec, InputState] = {}  # a file listed with two prompts is two inputs
         self.text: dict[str, Tensor] = {}
         self.vae_path: Path | None = None  # the backbone VAE file, when images or baselines need it
         self.needs_vae = False  # a raw FLUX.2 latent needs its VAE's batch-norm statistics
         self.bn_stats: tuple[Tensor, Tensor] | None = None
         self.lock = threading.Lock()
         self.failed_fast = threading.Event()
+        self.claimed_as: dict[str, Path] = {}  # output identity → the name it was first claimed by
+        self.case_insensitive: bool | None = None  # the output folder's file system, probed on first use
+        self.name_max: int | None = None
 
     def fail(self, spec: InputSpec, error: str, warnings: list[str] | None = None) -> None:
         self.records.emit(spec, "failed", [], 0.0, error, warnings)
@@ -465,12 +518,13 @@ class _Session:
     SHOWN_WARNINGS = 10  # input warnings printed on stderr; the rest are only in the records (and counted)
 
     def prepass(self, specs: list[InputSpec]) -> None:
-        claimed: dict[Path, InputSpec] = {}
+        claimed: dict[str, InputSpec] = {}
         warned: set[tuple[int, int]] = set()
         notes: set[str] = set()
         shown = 0
+        budget = _Budget(PREPASS_MEMORY)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            loaded = pool.map(lambda spec: _attempt(probe_input, self.job, spec), specs)
+            loaded = pool.map(lambda spec: _attempt(budget.run, probe_cost(spec), probe_input, self.job, spec), specs)
             for spec, (probe, error) in zip(specs, loaded, strict=True):
                 if self.failed_fast.is_set() or self.stop.is_set():  # still one record per input
                     self.records.emit(spec, "failed", [], 0.0, "not decoded: the run stopped early")
@@ -490,31 +544,60 @@ class _Session:
                 if error is not None:
                     self.fail(spec, error, probe.warnings if probe is not None else None)
 
-    def _plan_input(self, spec: InputSpec, probe: Probe, claimed: dict[Path, InputSpec],
+    def _plan_input(self, spec: InputSpec, probe: Probe, claimed: dict[str, InputSpec],
                     warned: set[tuple[int, int]]) -> None:
         job = self.job
+        claimed_as = self.claimed_as
         outputs = [safe_output_path(job.out, name, str(spec.path))
                    for name in output_names(spec, probe.count, job.template)]
         for out in (f for o in outputs for f in self.files_of(o)):
-            if out in claimed:
-                raise InputError(f"{spec.path} and {claimed[out].path} would both write {out}; "
-                                 "change --name (e.g. '{dir}/{name}.png')")
+            self._check_name_length(spec, out)
+            identity = self.output_identity(out)
+            if identity in claimed:
+                other, first = claimed[identity], claimed_as[identity]
+                whose = "the same input listed again with other settings" if other.path == spec.path else other.path
+                how = "" if first == out else f" (as {first}, the same file by another spelling)"
+                raise InputError(f"{spec.path} and {whose} would both write {out}{how}; change --name "
+                                 "(e.g. '{dir}/{name}.png') or the manifest's output")
             if out.resolve() == spec.path.resolve():
                 raise InputError(f"{spec.path}: the output would overwrite its own input; choose another --out")
             if out.exists() and not out.is_file():
                 raise InputError(f"{spec.path}: the output {out} exists and is not a file")
-            claimed[out] = spec
+            claimed[identity], claimed_as[identity] = spec, out
         _check_size(job, spec, probe.shape[1:], warned)
         sigma = 0.0 if spec.is_image else _sigma(job, spec, probe.meta)  # an encoded image is a clean latent
-        training_sigma(sigma, job.entry.latent.sigma_frame)  # validates the range now, not mid-run
+        try:
+            training_sigma(sigma, job.entry.latent.sigma_frame)  # validates the range now, not mid-run
+        except ValueError as e:
+            raise InputError(f"{spec.path}: {e}") from None
         todo = [i for i, p in enumerate(outputs) if job.overwrite or not all(f.exists() for f in self.files_of(p))]
         if not todo:
             self.records.emit(spec, "skipped", outputs, 0.0, None, probe.warnings)
             return
         self.needs_vae |= probe.needs_vae
-        self.states[spec.path] = InputState(spec, outputs, len(todo), time.time(), warnings=probe.warnings)
+        self.states[spec] = InputState(spec, outputs, len(todo), time.time(), warnings=probe.warnings)
         self.items += [Item(spec, i, probe.shape, outputs[i], sigma, job.seed + i, plan=probe.plan,
                             provenance=probe.provenance) for i in todo]
+
+    def output_identity(self, out: Path) -> str:
+        """Which file `out` really is: symlinks and `..` resolved, and case folded where the output folder's file
+        system ignores case (A.png and a.png are one file there)."""
+        identity = os.path.realpath(out)
+        if self.case_insensitive is None:
+            self.case_insensitive = ignores_case(self.job.out)
+        return identity.casefold() if self.case_insensitive else identity
+
+    def _check_name_length(self, spec: InputSpec, out: Path) -> None:
+        """Each part of an output's name must fit the file system, checked before any decoding is spent on it."""
+        if self.name_max is None:
+            try:
+                self.name_max = os.pathconf(self.job.out, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):
+                self.name_max = 255
+        for part in out.relative_to(self.job.out).parts:
+            if len(os.fsencode(part)) > self.name_max:
+                raise InputError(f"{spec.path}: the output name {part[:60]!r}… is {len(os.fsencode(part))} bytes, more "
+                                 f"than the {self.name_max} this file system allows; shorten it with --name")
 
     def files_of(self, output: Path) -> list[Path]:
         """Every file one item writes: its PNG, plus NAME.vae.png and NAME.compare.png with --compare."""
@@ -529,29 +612,30 @@ class _Session:
         from pid_cli.text import load_prompt_embeds
 
         job = self.job
-        specs = list({item.spec.path: item.spec for item in self.items}.values())
+        specs = list(dict.fromkeys(item.spec for item in self.items))
+        unreadable: dict[InputSpec, str] = {}  # a sidecar that cannot be read fails its own input only
         if job.prompt is not None:
-            chosen = {spec.path: job.prompt for spec in specs}
+            chosen = {spec: job.prompt for spec in specs}
         else:
-            unreadable: dict[Path, str] = {}  # a sidecar that cannot be read fails its own input only
-            resolved = resolve_prompts([s.path for s in specs], prompt_file=job.prompt_file, errors=unreadable)
-            chosen = {s.path: s.prompt if s.prompt is not None else r.text
-                      for s, r in zip(specs, resolved, strict=True)}
+            errors: dict[Path, str] = {}
+            resolved = resolve_prompts([s.path for s in specs], prompt_file=job.prompt_file, errors=errors)
+            chosen = {s: s.prompt if s.prompt is not None else r.text for s, r in zip(specs, resolved, strict=True)}
+            unreadable = {s: errors[s.path] for s in specs if s.path in errors}
             if job.prompt_embeds is not None:
                 table = load_prompt_embeds(job.prompt_embeds, job.entry.net_config["txt_max_length"])
                 if len(table) == 1 and job.prompt_file is None:  # a file made for one prompt serves inputs
                     only = next(iter(table))                     # that name none
-                    chosen = {p: (only if t == "" else t) for p, t in chosen.items()}
-                for path, text in chosen.items():  # an input's own prompt the file lacks fails that input only
-                    if text not in table and path not in unreadable:
-                        unreadable[path] = (f"{path}: {job.prompt_embeds} has no embedding for its prompt "
+                    chosen = {s: (only if t == "" else t) for s, t in chosen.items()}
+                for spec, text in chosen.items():  # an input's own prompt the file lacks fails that input only
+                    if text not in table and spec not in unreadable:
+                        unreadable[spec] = (f"{spec.path}: {job.prompt_embeds} has no embedding for its prompt "
                                             f"{text[:80]!r}; re-run `pid embed` with it")
-            for path, error in unreadable.items():
-                state = self.states.pop(path)
-                self.fail(state.spec, error, state.warnings)
-            self.items = [item for item in self.items if item.spec.path not in unreadable]
+        for spec, error in unreadable.items():
+            state = self.states.pop(spec)
+            self.fail(state.spec, error, state.warnings)
+        self.items = [item for item in self.items if item.spec not in unreadable]
         for item in self.items:
-            item.prompt = chosen[item.spec.path]
+            item.prompt = chosen[item.spec]
 
     def fetch_files(self) -> None:
         need_vae = self.needs_vae or self.baselines or any(item.plan is not None for item in self.items)
@@ -610,10 +694,8 @@ class _Session:
             for batch, runs_as in batches:
                 if halted():
                     break
-                try:
-                    ready.put((batch, runs_as, *self._load_batch(batch, cache), None))
-                except Exception as e:
-                    ready.put((batch, runs_as, None, None, f"{type(e).__name__}: {e}"))
+                loaded, failed = self._load_batch(batch, cache)
+                ready.put((loaded, runs_as, [src for _, src in loaded], [i.sigma for i, _ in loaded], failed))
                 keep = {item.spec.path for item in batch}
                 for path in [p for p in cache if p not in keep]:
                     del cache[path]
@@ -629,10 +711,13 @@ class _Session:
             def worker() -> None:
                 codec = _DeviceCodec(job, decoder.device, self.vae_path)
                 while (task := ready.get()) is not None:
-                    batch, runs_as, sources, sigmas, error = task
-                    if error is not None or halted():
+                    loaded, runs_as, sources, sigmas, failed = task
+                    batch = [item for item, _ in loaded]
+                    for item, error in failed:  # an input that vanished or changed since the prepass fails alone
+                        self.finish(item, error, progress)
+                    if halted() or not batch:
                         for item in batch:
-                            self.finish(item, error or "interrupted", progress)
+                            self.finish(item, "interrupted", progress)
                         continue
                     for sub, images in self._decode_with_retry(decoder, codec, batch, sources, sigmas, runs_as):
                         for item, pixels in zip(sub, images, strict=True):
@@ -655,14 +740,35 @@ class _Session:
         """Whether items are also decoded by the VAE (for --compare or --color-fix)."""
         return self.job.compare or self.job.color_fix != "none"
 
-    def _load_batch(self, batch: list[Item], cache: dict[Path, Tensor]) -> tuple[list[Tensor], list[float]]:
-        """Per item: its latent [C, h, w] as given, or its preprocessed image [3, H, W]; and its sigma."""
-        sources = []
+    def _load_batch(self, batch: list[Item], cache: dict[Path, Tensor | str]
+                    ) -> tuple[list[tuple[Item, Tensor]], list[tuple[Item, str]]]:
+        """Per item: its latent [C, h, w] as given, or its preprocessed image [3, H, W]. An item whose file cannot
+        be read now, or no longer has the shape the prepass saw, is returned with its error instead: only it fails,
+        not the others of its batch."""
+        loaded, failed = [], []
         for item in batch:
             if item.spec.path not in cache:
-                cache[item.spec.path] = load_source(self.job, item, self.batchnorm_stats)
-            sources.append(cache[item.spec.path][item.index])
-        return sources, [item.sigma for item in batch]
+                try:
+                    cache[item.spec.path] = load_source(self.job, item, self.batchnorm_stats)
+                except Exception as e:
+                    message = str(e) if str(item.spec.path) in str(e) else f"{item.spec.path}: {type(e).__name__}: {e}"
+                    cache[item.spec.path] = f"{message} (read again for decoding)"
+            source = cache[item.spec.path]
+            if isinstance(source, str):
+                failed.append((item, source))
+            elif item.index >= len(source) or not self._as_planned(item, source[item.index]):
+                got = list(source[item.index].shape) if item.index < len(source) else f"{len(source)} item(s)"
+                failed.append((item, f"{item.spec.path}: changed since the run began (now {got}); nothing was "
+                                     "decoded from it"))
+            else:
+                loaded.append((item, source[item.index]))
+        return loaded, failed
+
+    def _as_planned(self, item: Item, source: Tensor) -> bool:
+        """The prepass planned a latent [C, h, w] or an image of plan.height x plan.width."""
+        if item.plan is not None:
+            return tuple(source.shape[-2:]) == (item.plan.height, item.plan.width)
+        return tuple(source.shape) == item.shape
 
     def _decode_with_retry(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor],
                            sigmas: list[float], runs_as: int) -> Iterator[tuple[list[Item], list]]:
@@ -743,7 +849,8 @@ class _Session:
             return
         try:
             text = _png_text(self.job, item) if self.job.metadata else None
-            write_atomic(item.output, encode_png(pixels, text, plain=item.provenance), overwrite=self.job.overwrite)
+            write_atomic(item.output, encode_png(pixels, text, plain=item.provenance), overwrite=self.job.overwrite,
+                         root=self.job.out)
             self.finish(item, None, progress)
         except OutputExists:
             if item.output.is_file():
@@ -771,7 +878,7 @@ class _Session:
                               text and _baseline_text(job, item, f"side by side: {out.labels}"), ()))
             for path, pixels, meta, plain in files:
                 with contextlib.suppress(OutputExists):  # written by an earlier run or another process: complete
-                    write_atomic(path, encode_png(pixels, meta, plain=plain), overwrite=job.overwrite)
+                    write_atomic(path, encode_png(pixels, meta, plain=plain), overwrite=job.overwrite, root=job.out)
             self.finish(item, None, progress)
         except OSError as e:
             self.finish(item, f"{path}: cannot write ({e.strerror or e})", progress)
@@ -780,7 +887,7 @@ class _Session:
 
     def finish(self, item: Item, error: str | None, progress: _Progress) -> None:
         with self.lock:
-            state = self.states[item.spec.path]
+            state = self.states[item.spec]
             state.error = state.error or error
             state.pending -= 1
             done = state.pending == 0
@@ -835,16 +942,20 @@ def _mask(results: list, errors: dict[int, str]) -> list:
 
 
 def _sigma(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> float:
-    """Manifest > --degrade-sigma > file metadata > 0 (a clean latent)."""
+    """Manifest > --degrade-sigma > file metadata > 0 (a clean latent); an error naming the file and the source
+    for anything but a finite number >= 0."""
     for value, where in ((spec.degrade_sigma, "manifest"), (job.degrade_sigma, "--degrade-sigma"),
                          (meta.get("degrade_sigma", meta.get("sigma")), "metadata")):
         if value is None:
             continue
         try:
-            return float(value)
+            sigma = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"{spec.path}: degrade_sigma from {where} is {str(value)[:100]!r}, expected a "
-                             "number") from None
+            sigma = math.nan
+        if not 0 <= sigma < math.inf:
+            raise InputError(f"{spec.path}: degrade_sigma from {where} is {str(value)[:100]!r}, expected a finite "
+                             "number >= 0")
+        return sigma
     return 0.0
 
 

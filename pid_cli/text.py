@@ -212,6 +212,15 @@ class TextEncoder:
     def is_loaded(self) -> bool:
         return self._model is not None
 
+    @property
+    def hidden_size(self) -> int | None:
+        """D, from the snapshot's config.json (the model is not loaded); None when it does not say."""
+        try:
+            size = (_read_json(self.snapshot / "config.json") or {}).get("hidden_size")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
     def cache_namespace(self) -> dict[str, str]:
         """Everything besides the prompt that determines the embedding (cache key material)."""
         return {"revision": self.revision, "chi_sha256": CHI_SHA256,
@@ -301,25 +310,37 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, namespace: dict[str, str], prompt: str) -> torch.Tensor | None:
-        """The cached ``[M, D]`` embedding, or None (missing, or unreadable → recomputed)."""
+    def get(self, namespace: dict[str, str], prompt: str, dim: int | None = None) -> torch.Tensor | None:
+        """The cached ``[M, D]`` embedding, or None: missing, unreadable, or not what the encoder of `namespace`
+        makes (``M = model_max_length`` rows, ``dim`` columns when given, the namespace's dtype, finite values).
+        A None is a miss: the caller recomputes the embedding and `put` overwrites the bad entry, so a damaged
+        or foreign file is never decoded with and never trusted again."""
         path = self.path(self.key(namespace, prompt))
         if not path.is_file():
             return None
         try:
             with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("prompt") != prompt:
+                meta = f.metadata() or {}
+                if meta.get("prompt") != prompt or any(meta.get(k) != v for k, v in namespace.items()):
                     return None
                 embedding = f.get_tensor("embedding")
         except Exception:
             return None
-        if embedding.dim() != 2 or not embedding.is_floating_point() or not torch.isfinite(embedding).all():
-            return None  # damaged on disk: recompute rather than decode with it
-        return embedding
+        # Damaged on disk, or written by something else: recompute rather than decode with it.
+        return embedding if _usable_embedding(embedding, namespace, dim) else None
 
     def put(self, namespace: dict[str, str], prompt: str, embedding: torch.Tensor) -> None:
         path = self.path(self.key(namespace, prompt))
         _atomic_save({"embedding": embedding.contiguous()}, path, {**namespace, "prompt": prompt})
+
+
+def _usable_embedding(embedding: torch.Tensor, namespace: dict[str, str], dim: int | None) -> bool:
+    """``[model_max_length, dim]``, in the namespace's dtype, every value finite."""
+    rows, dtype = namespace.get("model_max_length"), namespace.get("dtype")
+    return (embedding.dim() == 2 and embedding.shape[1] > 0 and rows in (None, str(embedding.shape[0]))
+            and dim in (None, embedding.shape[1]) and embedding.is_floating_point()
+            and dtype in (None, str(embedding.dtype).removeprefix("torch."))
+            and bool(torch.isfinite(embedding).all()))
 
 
 class PromptEmbedder:
@@ -341,8 +362,9 @@ class PromptEmbedder:
         ns = self.encoder.cache_namespace()
         found: dict[str, torch.Tensor] = {}
         if self.cache is not None:
+            dim = self.encoder.hidden_size
             for p in unique:
-                if (t := self.cache.get(ns, p)) is not None:
+                if (t := self.cache.get(ns, p, dim)) is not None:
                     found[p] = t
         missing = [p for p in unique if p not in found]
         self.hits, self.misses = len(found), len(missing)

@@ -43,6 +43,7 @@ from pid_cli.runner import (
     Records,
     _install_signal_handlers,
     _Progress,
+    check_records_path,
     collect_job_inputs,
     device_groups,
     fetch_run_files,
@@ -67,6 +68,7 @@ def run_per_device(job: DecodeJob) -> int:
     """The parent of a multi-device run (`runner.run` has refused a bad job before calling this). It checks the
     inputs and prompt sources and fetches the files every worker needs once, before any worker starts."""
     found = collect_job_inputs(job)
+    check_records_path(job, found)
     specs = take_shard(found, *job.shard) if job.shard is not None else found
     if not specs:
         print(nothing_to_decode(job, len(found)), file=sys.stderr)
@@ -82,7 +84,7 @@ def run_per_device(job: DecodeJob) -> int:
         if threading.current_thread() is threading.main_thread() else {}
     records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
     progress = _Progress(0, job.quiet)
-    recorded: set[str] = set()
+    recorded: dict[str, int] = {}  # records per input path (a file listed with two prompts is two inputs)
     exits: dict[int, int] = {}
     died: dict[int, int] = {}  # workers gone without reporting their exit: index → exit code
     usage_error: str | None = None
@@ -101,7 +103,7 @@ def run_per_device(job: DecodeJob) -> int:
                               file=sys.stderr)
                 continue
             if event == "record":
-                recorded.add(data["input"])
+                recorded[data["input"]] = recorded.get(data["input"], 0) + 1
                 records.add(data)
                 if data["status"] == "failed" and job.fail_fast:
                     stop.request("fail-fast")
@@ -190,7 +192,8 @@ class _ParentStop:
                 os.kill(worker.pid, signal.SIGTERM)
 
 
-def _record_lost_inputs(jobs: list[DecodeJob], died: dict[int, int], recorded: set[str], records: Records) -> None:
+def _record_lost_inputs(jobs: list[DecodeJob], died: dict[int, int], recorded: dict[str, int],
+                        records: Records) -> None:
     """Inputs of a worker that died (out of memory, a driver error, SIGKILL) still get their record."""
     for i, code in died.items():
         try:
@@ -198,9 +201,11 @@ def _record_lost_inputs(jobs: list[DecodeJob], died: dict[int, int], recorded: s
         except Exception:  # the inputs vanished meanwhile: nothing more to say per input
             return
         for spec in specs:
-            if str(spec.path) not in recorded:
-                records.emit(spec, "failed", [], 0.0,
-                             f"not decoded: the worker on {jobs[i].devices[0]} exited with code {code}")
+            if recorded.get(str(spec.path), 0) > 0:
+                recorded[str(spec.path)] -= 1  # this input (or another listing of its file) has its record
+                continue
+            records.emit(spec, "failed", [], 0.0,
+                         f"not decoded: the worker on {jobs[i].devices[0]} exited with code {code}")
 
 
 def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:

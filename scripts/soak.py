@@ -99,8 +99,8 @@ def child(argv: list[str]) -> int:
     outputs.os = FullDisk()
     write_atomic = runner.write_atomic
 
-    def logged_write(path, data, overwrite=False):
-        write_atomic(path, data, overwrite)
+    def logged_write(path, data, overwrite=False, root=None):
+        write_atomic(path, data, overwrite, root)
         log("linked", path=os.fsencode(path).hex())  # hex: names may hold undecodable bytes
 
     runner.write_atomic = logged_write
@@ -181,8 +181,10 @@ class Inputs:
             if kind == "safetensors":
                 save_file({"latent": z.contiguous()}, path, metadata={"prompt": rng.choice(prompts[:3])})
             elif kind == "latent":
-                save_file({"latent_tensor": (z / 0.3611 + 0.1159).contiguous()}, path,
-                          metadata={"latent_format_version_0": "true"})
+                # as ComfyUI's SaveLatent writes it (0.3.64): the raw VAE latent, the version marker as a tensor
+                save_file({"latent_tensor": (z / 0.3611 + 0.1159).contiguous(),
+                           "latent_format_version_0": torch.tensor([])}, path,
+                          metadata={"prompt": json.dumps({"3": {"class_type": "KSampler"}})})
             elif kind == "pt":
                 torch.save({"latents": z}, path)
             elif kind == "npy":

@@ -40,10 +40,10 @@ from pid_cli.inputs import InputError, check_template, output_names, read_manife
 from pid_cli.latents import FORMATS, MAX_LATENT_ABS, MAX_LATENT_SIDE, LatentError, read_latent_file, to_pid_latent
 from pid_cli.prompts import PromptSourceError
 from pid_cli.prompts import read_manifest as read_prompt_manifest
-from pid_cli.registry import Latent, RegistryError, load_registry
+from pid_cli.registry import RegistryError, load_registry
 
 SCALE = int(os.environ.get("PID_FUZZ_SCALE", "1"))
-FLUX = Latent(channels=16, vae_factor=8, normalisation={"kind": "affine", "shift": 0.1159, "scale": 0.3611})
+FLUX = load_registry().get("flux-2k").latent  # what a real Flux run reads latents as (ComfyUI files included)
 CASE_SECONDS = 20  # one case taking longer is a hang
 
 

@@ -85,9 +85,10 @@ def test_shard_sources():
     with pytest.raises(InputError):
         parse_shard("4/4")
     assert shard_from_env({"RANK": "1", "WORLD_SIZE": "8"}) == (1, 8)
-    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1",
-                           "SLURM_ARRAY_TASK_COUNT": "10"}) == (4, 10)
-    assert shard_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == (3, 4)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "10",
+                           "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "10"}) == (4, 10)
+    assert shard_from_env({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}) == (3, 4)
+    assert shard_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None  # the batch script itself: no step
     assert shard_from_env({}) is None
 
 

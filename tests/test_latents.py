@@ -153,8 +153,11 @@ def test_container_errors(tmp_path):
         read_latent_file(tmp_path / "two.safetensors")
     with pytest.raises(LatentError, match="no tensor named 'c'"):
         read_latent_file(tmp_path / "two.safetensors", key="c")
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
     with pytest.raises(LatentError, match="unsupported latent file type"):
         read_latent_file(tmp_path / "x.gif")
+    with pytest.raises(LatentError, match=r"x\.pt: no such file"):
+        read_latent_file(tmp_path / "x.pt")
 
 
 def test_pickled_code_in_a_latent_file_is_refused(tmp_path):

@@ -219,6 +219,27 @@ def test_corrupt_cache_entry_is_recomputed(snapshot, tmp_path):
     assert not list(path.parent.glob("*.tmp"))  # atomic writes leave no temp files
 
 
+@pytest.mark.parametrize("damage", ["rows", "width", "dtype", "nan", "truncated"])
+def test_cache_entry_of_the_wrong_shape_dtype_or_values_is_recomputed_and_replaced(snapshot, tmp_path, damage):
+    cache = EmbeddingCache(tmp_path / "cache")
+    enc = TextEncoder(snapshot, device="cpu")
+    ns = enc.cache_namespace()
+    good = PromptEmbedder(enc, cache).embed(["a cat"])[0]
+    path = cache.path(cache.key(ns, "a cat"))
+    bad = {"rows": good[:-1], "width": good[:, :32], "dtype": good.half(),
+           "nan": good.clone().index_fill_(0, torch.tensor([5]), float("nan"))}.get(damage)
+    if bad is None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a readable file for this very prompt and encoder, holding what this encoder never makes
+        save_file({"embedding": bad.contiguous()}, str(path), metadata={**ns, "prompt": "a cat"})
+    assert cache.get(ns, "a cat", enc.hidden_size) is None
+    again = PromptEmbedder(enc, cache)
+    assert torch.equal(again.embed(["a cat"])[0], good) and (again.hits, again.misses) == (0, 1)
+    assert torch.equal(load_file(path)["embedding"], good)  # overwritten: the next run hits the good entry
+    third = PromptEmbedder(enc, cache)
+    assert torch.equal(third.embed(["a cat"])[0], good) and (third.hits, third.misses) == (1, 0)
+
+
 def test_save_load_prompt_embeds_is_bit_identical(tmp_path):
     emb = torch.randn(3, M, 8).to(torch.bfloat16)
     path = tmp_path / "emb.safetensors"
