@@ -275,8 +275,9 @@ def decode(
                                                 "2kto4k-v1, 2kto4k-v1.5 (see `pid list`).")] = None,
     registry: Annotated[list[Path] | None, typer.Option("--registry", help="Extra registry file(s) "
                                                         "(also $PID_REGISTRY).")] = None,
-    name: Annotated[str, typer.Option("--name", help="Output name template: {dir} {stem} {name} {index}; "
-                                      "items of a batch file get _{index} appended unless it is used.")] =
+    name: Annotated[str, typer.Option("--name", help="Output name template: {dir} {stem} {name} {index} "
+                                      "{sigma}; items of a batch file get _{index} appended unless it is used, "
+                                      "a σ sweep _sigma{sigma}.")] =
         "{dir}/{stem}.png",
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     key: Annotated[str | None, typer.Option("--key", help="Tensor name inside a multi-tensor file.")] = None,
@@ -291,9 +292,13 @@ def decode(
                                                     "(image px / 8, e.g. 128x128 for a 1024 px image) or the "
                                                     "token grid (image px / 16), for every backbone; the token "
                                                     "count tells which, and the run says which it took.")] = None,
-    degrade_sigma: Annotated[float | None, typer.Option("--degrade-sigma", help="Noise level of the latents "
-                                                        "(0 = clean; an LDM x_t: its scheduler sigma; SDXL: "
-                                                        "the Euler sigma). Manifest and metadata win.")] = None,
+    degrade_sigma: Annotated[str | None, typer.Option("--degrade-sigma", help="Noise level. Latents: the one σ "
+                                                      "they were made at (0 = clean; an LDM x_t: its scheduler "
+                                                      "σ; SDXL: the Euler σ). Images: their encoded latent is "
+                                                      "noised to σ in [0, 1] before decoding (more σ: more "
+                                                      "generated detail, less faithful); a comma list "
+                                                      "(0,0.4,0.7) writes one PNG per σ, named by {sigma} in "
+                                                      "--name or _sigma<σ>. Manifest and metadata win.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Caption for all inputs. Without any prompt "
                                                "source the empty caption is used (PiD's dropped-caption "
                                                "condition).")] = None,
@@ -356,7 +361,7 @@ def decode(
     130 interrupted. Existing outputs are skipped, so rerunning a command resumes it.
     """
     from pid_cli import hub
-    from pid_cli.inputs import InputError, parse_shard, shard_from_env
+    from pid_cli.inputs import InputError, parse_shard, parse_sigmas, shard_from_env
     from pid_cli.latents import FORMATS, parse_size
     from pid_cli.model.layers import ATTENTION_MODES
     from pid_cli.model.linear8 import MATMUL_MODES
@@ -393,7 +398,8 @@ def decode(
             seed=seed, steps=steps, dtype=dtype, attention=attention, matmul=matmul, compile=compile,
             bit_depth=bit_depth, metadata=metadata, overwrite=overwrite, fail_fast=fail_fast, recursive=recursive,
             latent_format=latent_format, key=key,
-            latent_size=parse_size(latent_size) if latent_size else None, degrade_sigma=degrade_sigma,
+            latent_size=parse_size(latent_size) if latent_size else None,
+            degrade_sigma=parse_sigmas(degrade_sigma) if degrade_sigma is not None else None,
             target=target.lower() if target else None, prompt=prompt, prompt_file=prompt_file,
             prompt_embeds=prompt_embeds, text_encoder=text_encoder,
             shard=parse_shard(shard) if shard else shard_from_env(), manifest_out=manifest_out,

@@ -987,9 +987,10 @@ def list_table(registry: Any, records: Sequence[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     variants = list(dict.fromkeys(r["variant"] for r in records))
+    takes_images = {b: any(r["image_inputs"] for r in records if r["backbone"] == b) for b in registry.backbones()}
     table = Table(title="PiD checkpoints", caption="✓ decoder on disk (+ VAE, + text encoder: ✓✓✓) · "
-                  "bold: chosen by its 'answers_to' names (e.g. 2kto4k) · dim: superseded · "
-                  "latents only: image inputs not supported yet")
+                  "bold: chosen by its 'answers_to' names (e.g. 2kto4k) · dim: superseded"
+                  + ("" if all(takes_images.values()) else " · latents only: no image encoder for its VAE format"))
     table.add_column("backbone")
     for variant in variants:
         table.add_column(variant, justify="right")
@@ -1007,8 +1008,7 @@ def list_table(registry: Any, records: Sequence[dict[str, Any]]) -> Any:
             text = f"{format_size(rec['size'], rec['size_exact'])} {marks or '·'}"
             style = "dim" if rec["superseded"] else "bold" if rec["answers_to"] else ""
             cells.append(f"[{style}]{text}[/]" if style else text)
-        images = any(r["image_inputs"] for r in records if r["backbone"] == backbone)
-        label = backbone + ("" if images else " [dim](latents only)[/]")
+        label = backbone + ("" if takes_images[backbone] else " [dim](latents only)[/]")
         label += f"\n[dim]{', '.join(aliases)}[/]" if aliases else ""
         table.add_row(label, *cells)
     return table

@@ -89,6 +89,8 @@ def plan_image(entry: Entry, path: Path, width: int, height: int,
         raise InputError(f"{path}: image of {width}x{height} px is smaller than the {m}-px minimum the "
                          f"{entry.backbone} encoder needs")
     note = "as is" if (w, h) == (width, height) else f"centre-crop {width}x{height} -> {w}x{h}"
+    if entry.latent.fixed_grid is not None:  # RAE / Scale-RAE encoders see every image at their one input size
+        note += f", resized by the {entry.backbone} encoder to its fixed square input"
     return ImagePlan(w, h, None, note)
 
 

@@ -7,12 +7,14 @@ retried shard redoes exactly its own files and skip-existing makes reruns idempo
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import math
 import os
 import re
 import string
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,7 +25,7 @@ from pid_cli.manifest import read_rows
 from pid_cli.manifest import short as _short
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
-TEMPLATE_FIELDS = ("stem", "index", "dir", "name")
+TEMPLATE_FIELDS = ("stem", "index", "dir", "name", "sigma")
 DEFAULT_TEMPLATE = "{dir}/{stem}.png"  # a batch file adds _{index} to the stem
 
 
@@ -38,7 +40,7 @@ class InputSpec:
     path: Path
     rel_dir: str = ""  # folder relative to the folder argument it was found under
     prompt: str | None = None
-    degrade_sigma: float | None = None
+    degrade_sigma: tuple[float, ...] | None = None  # one σ, or an image's sweep (a manifest's number or list)
     output: str | None = None  # manifest-chosen output name, relative to --out
     source: str = ""  # where it was named (for messages)
 
@@ -178,7 +180,11 @@ def _wanted(path: Path, suffixes: tuple[str, ...]) -> bool:
 
 def _file_spec(path: Path, source: str, suffixes: tuple[str, ...]) -> InputSpec:
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or folder ({source})")
+        hint = ""
+        with contextlib.suppress(ValueError):
+            float(str(path))
+            hint = "; to sweep σ, give --degrade-sigma one comma-separated list (--degrade-sigma 0,0.4)"
+        raise InputError(f"{path}: no such file or folder ({source}){hint}")
     if not is_regular(path):
         raise InputError(f"{path}: not a regular file (a FIFO, device or socket, or a link to one; {source}); pid "
                          "reads only regular files")
@@ -199,13 +205,12 @@ def read_manifest(path: Path) -> list[InputSpec]:
             raise InputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         sigma = row.get("degrade_sigma")
         if sigma is not None:
-            try:  # NaN, Infinity, 1e999 and huge integers parse too
-                sigma = None if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) else float(sigma)
-            except OverflowError:
-                sigma = None
-            if sigma is None or not 0 <= sigma < float("inf"):
-                raise InputError(f'{where}: "degrade_sigma" must be a number (finite, >= 0), '
-                                 f'got {_short(row["degrade_sigma"])}')
+            values = sigma if isinstance(sigma, list) and sigma else [sigma]
+            try:
+                sigma = tuple(dict.fromkeys(_sigma_value(v) for v in values))
+            except ValueError:
+                raise InputError(f'{where}: "degrade_sigma" must be a number (finite, >= 0) or, for an image, a '
+                                 f'list of them, got {_short(row["degrade_sigma"])}') from None
         for field in ("prompt", "output"):
             if row.get(field) is not None and not isinstance(row[field], str):
                 raise InputError(f'{where}: "{field}" must be a string')
@@ -224,6 +229,36 @@ def read_manifest(path: Path) -> list[InputSpec]:
         specs.append(InputSpec(file, prompt=row.get("prompt"), degrade_sigma=sigma, output=output,
                                source=str(path)))
     return specs
+
+
+def _sigma_value(value: object) -> float:
+    """A finite σ >= 0 from JSON (NaN, Infinity, 1e999 and huge integers parse too); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(value)
+    try:
+        sigma = float(value)
+    except OverflowError:
+        raise ValueError(value) from None
+    if not 0 <= sigma < math.inf:
+        raise ValueError(value)
+    return sigma
+
+
+def parse_sigmas(text: str) -> tuple[float, ...]:
+    """`--degrade-sigma`: one σ, or a comma-separated sweep ("0,0.4,0.7"). One argument, not several, so a
+    sweep cannot swallow the input paths that follow it on the command line; repeats are dropped."""
+    sigmas = []
+    for part in text.split(","):
+        try:
+            sigma = float(part)
+        except ValueError:
+            sigma = math.nan
+        if not 0 <= sigma < math.inf:
+            raise InputError(f"--degrade-sigma {text!r}: {part.strip()!r} is not a finite number >= 0 (give one "
+                             "value, or several separated by commas: --degrade-sigma 0,0.4,0.7)")
+        if sigma not in sigmas:
+            sigmas.append(sigma)
+    return tuple(sigmas)
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,23 +356,29 @@ def check_template(template: str) -> None:
             raise InputError(f"--name template {template!r}: format spec {spec!r} of {{{name}}} is not supported "
                              "(no nested fields, widths up to 64)")
     try:
-        template.format(stem="x", index=0, dir=".", name="x.pt")
+        template.format(stem="x", index=0, dir=".", name="x.pt", sigma=0.0)
     except (ValueError, TypeError) as e:
         raise InputError(f"--name template {template!r} is malformed ({e})") from None
 
 
-def output_names(spec: InputSpec, count: int, template: str) -> list[str]:
-    """Relative output paths for the `count` images an input yields."""
+def output_names(spec: InputSpec, count: int, template: str, sigmas: Sequence[float] = (0.0,)) -> list[str]:
+    """Relative output paths for the `count` images an input yields at each σ of `sigmas`, σ by σ: entry
+    k·count + i is image i at sigmas[k]. A sweep (several σ) whose names would not differ gets `_sigma{σ}` on
+    each stem; one σ keeps the names a run without a sweep gives."""
+    sweep = len(sigmas) > 1
     if spec.output is not None:
-        if count == 1:
-            return [spec.output]
         stem, ext = os.path.splitext(spec.output)
-        return [f"{stem}_{i}{ext}" for i in range(count)]
+        return [stem + (f"_sigma{sigma:g}" if sweep else "") + (f"_{i}" if count > 1 else "") + ext
+                for sigma in sigmas for i in range(count)]
     names = []
-    indexed = "index" in _fields(template)
-    for i in range(count):
-        stem = spec.path.stem if count == 1 or indexed else f"{spec.path.stem}_{i}"
-        names.append(template.format(stem=stem, index=i, dir=spec.rel_dir or ".", name=spec.path.name))
+    fields = _fields(template)
+    indexed, by_sigma = "index" in fields, "sigma" in fields
+    for sigma in sigmas:
+        for i in range(count):
+            stem = spec.path.stem + (f"_sigma{sigma:g}" if sweep and not by_sigma else "")
+            stem = stem if count == 1 or indexed else f"{stem}_{i}"
+            names.append(template.format(stem=stem, index=i, dir=spec.rel_dir or ".", name=spec.path.name,
+                                         sigma=sigma))
     return [os.path.normpath(n) for n in names]
 
 

@@ -670,6 +670,25 @@ def training_sigma(sigma: float, frame: str) -> float:
     raise ValueError(f"unknown sigma frame {frame!r}")
 
 
+def noise_clean_latent(clean: Tensor, sigma: float, generator: torch.Generator, frame: str) -> Tensor:
+    """An encoded image's clean latent `clean` [B, C, h, w] forward-noised to `sigma` the way the student saw
+    latents in training, so PiD decodes it as an x_t of that σ (upstream's image path, its `--degrade_sigmas`).
+
+    The form is the one of the frame the student was trained in: variance-preserving sqrt(1-σ²)·x0 + σ·ε for SDXL
+    (the backbone whose stored latents come in the Euler VE frame), (1-σ)·x0 + σ·ε for every flow-matching one.
+    ε is float32, drawn from `generator` on its device in one call of `clean`'s shape; σ <= 0 draws nothing and
+    returns `clean` unchanged."""
+    if sigma <= 0:
+        return clean
+    eps = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    clean = clean.to(eps.device, torch.float32)
+    if frame == "euler-ve":
+        return float(max(0.0, 1.0 - sigma * sigma) ** 0.5) * clean + sigma * eps  # ** 0.5: upstream's rounding
+    if frame == "flow":
+        return (1.0 - sigma) * clean + sigma * eps
+    raise ValueError(f"unknown sigma frame {frame!r}")
+
+
 def to_training_frame(latent: Tensor, sigma: float, frame: str) -> tuple[Tensor, float]:
     """Map an intermediate latent and its σ into the frame the student was trained on.
 

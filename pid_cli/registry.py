@@ -42,10 +42,11 @@ _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 _DEFAULT_ALLOW = ("*.json", "*.safetensors", "*.model")
 
 
-# VAE formats whose encoder pid implements (`pid_cli.vae`), by codec kind. Backbones with another
-# format (the RAE/DINOv2 and Scale-RAE/SigLIP encoders) decode latents only.
+# VAE formats whose encoder pid implements (`pid_cli.vae`), by codec kind; entries with another format
+# decode latents only. The RAE (DINOv2) and Scale-RAE (SigLIP-2) encoders have no decoder in pid.
 IMAGE_ENCODER_KINDS = {"bfl-flux1-ae": "flux1", "bfl-flux2-ae": "flux2", "diffusers-sd3-vae": "sd3",
-                       "diffusers-sdxl-vae": "sdxl", "qwenimage-vae-2d": "qwenimage"}
+                       "diffusers-sdxl-vae": "sdxl", "qwenimage-vae-2d": "qwenimage", "rae-dinov2": "dinov2",
+                       "scale-rae-siglip2": "siglip"}
 
 
 class RegistryError(ValueError):

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from pid_cli.latents import (
     MAX_LATENT_SIDE,
     LatentError,
     Reading,
+    noise_clean_latent,
     read_as_pid,
     read_latent_file,
     scale_warning,
@@ -99,7 +100,7 @@ class DecodeJob:
     latent_format: str = "auto"
     key: str | None = None
     latent_size: tuple[int, int] | None = None
-    degrade_sigma: float | None = None
+    degrade_sigma: tuple[float, ...] | float | None = None  # one σ, or an image's sweep (inputs.parse_sigmas)
     target: str | None = None
     prompt: str | None = None
     prompt_file: Path | None = None
@@ -144,6 +145,7 @@ class Probe:
     note: str | None = None  # how --latent-size was read
     provenance: dict[str, str] = field(default_factory=dict)
     needs_vae: bool = False  # a raw FLUX.2 latent: normalised with its VAE's batch-norm statistics
+    sigmas: tuple[float, ...] = (0.0,)  # one σ; an image may have a sweep
 
 
 @dataclass
@@ -156,6 +158,7 @@ class InputState:
     started: float
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)  # the σ of each output
 
 
 class Records:
@@ -180,9 +183,11 @@ class Records:
         self.lost = 0  # records that could not be written (disk full): the run must not exit 0
 
     def emit(self, spec: InputSpec, status: str, outputs: list[Path], seconds: float, error: str | None,
-             warnings: list[str] | None = None) -> None:
+             warnings: list[str] | None = None, sigmas: list[float] | None = None) -> None:
+        """`sigmas`: the degrade σ of each output (an image's σ sweep gives one output per σ)."""
         self.add({"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
-                  "seconds": round(seconds, 3), "error": error, "warnings": list(warnings or [])})
+                  "sigmas": list(sigmas or []) if outputs else [], "seconds": round(seconds, 3), "error": error,
+                  "warnings": list(warnings or [])})
 
     def add(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -373,19 +378,20 @@ def _check_baseline_options(job: DecodeJob) -> None:
     if job.compare or job.color_fix != "none":
         flag = "--compare" if job.compare else "--color-fix"
         try:
-            vae_kind(job.entry)
+            vae_kind(job.entry, decoder=True)
         except ValueError as e:
             raise InputError(f"{flag} needs the {job.entry.backbone} VAE decoder: {e}") from None
 
 
-def vae_kind(entry: Entry) -> str:
-    """The codec kind of the entry's VAE; VAEError where pid has no encoder/decoder for it (RAE/SigLIP).
-    Imports pid_cli.vae (and diffusers, seconds) only here: latent-only runs never pay for it."""
+def vae_kind(entry: Entry, decoder: bool = False) -> str:
+    """The codec kind of the entry's VAE; VAEError where pid has no encoder for it, or with `decoder` no
+    decoder (RAE/SigLIP encode only). Imports pid_cli.vae (and diffusers, seconds) only here: latent-only
+    runs never pay for it."""
     from pid_cli.vae import VAEError, resolve_kind
 
     if entry.vae is None:
         raise VAEError(f"registry entry {entry.id} names no VAE")
-    return resolve_kind(entry.vae.format)
+    return resolve_kind(entry.vae.format, decoder=decoder)
 
 
 def _drop_earlier_outputs(specs: list[InputSpec], job: DecodeJob) -> list[InputSpec]:
@@ -404,25 +410,25 @@ def _drop_earlier_outputs(specs: list[InputSpec], job: DecodeJob) -> list[InputS
 def probe_input(job: DecodeJob, spec: InputSpec) -> Probe:
     """Read and validate one input (CPU only, nothing fetched): how many images it yields, their latent shape,
     and what the user should hear about how it was read."""
+    _check_options_apply(job, spec)
     if not spec.is_image:
         file = read_latent_file(spec.path, job.key)
         reading = read_as_pid(file, job.entry.latent, job.entry.backbone, job.latent_format, job.latent_size,
                               defer_batchnorm=True)
         latent = reading.latent
-        sigma = _sigma(job, spec, file.metadata)
+        sigmas = _sigmas(job, spec, file.metadata)
+        sigma = sigmas[0]
         frame = job.entry.latent.sigma_frame
         scale = 1 / math.sqrt(sigma * sigma + 1) if frame == "euler-ve" and 0 < sigma < math.inf else 1.0
         warning = scale_warning(reading, str(spec.path), scale)
         return Probe(latent.shape[0], (latent.shape[1], latent.shape[2], latent.shape[3]), file.metadata,
                      warnings=[warning] if warning else [], note=reading.note, provenance=file.provenance,
-                     needs_vae=reading.deferred_batchnorm)
+                     needs_vae=reading.deferred_batchnorm, sigmas=sigmas)
     try:
         vae_kind(job.entry)
-    except ValueError as e:  # VAEError: RAE/SigLIP encoders are not supported yet
+    except ValueError as e:  # VAEError: a VAE format pid has no encoder for
         raise InputError(f"{spec.path}: {e}") from None
-    if spec.degrade_sigma:
-        raise InputError(f"{spec.path}: degrade_sigma applies to stored latents; an encoded image is clean "
-                         "(sigma 0)")
+    sigmas = _sigmas(job, spec, {})
     _, info = read_image(spec.path)  # the whole file: a corrupt image fails here, not mid-run
     fit_to = _fit_candidates(job) if job.fit else None
     plan = plan_image(job.entry, spec.path, info.width, info.height, fit_to)
@@ -431,7 +437,22 @@ def probe_input(job: DecodeJob, spec: InputSpec) -> Probe:
         raise InputError(f"{spec.path}: a {plan.width}x{plan.height} image would decode to "
                          f"{plan.width * job.entry.sr_scale}x{plan.height * job.entry.sr_scale}; use --fit to "
                          "resize it onto a trained size")
-    return Probe(1, (job.entry.latent.channels, plan.height // f, plan.width // f), {}, plan)
+    grid = job.entry.latent.fixed_grid or (plan.height // f, plan.width // f)  # RAE encoders: one grid for all
+    return Probe(1, (job.entry.latent.channels, *grid), {}, plan, sigmas=sigmas)
+
+
+def _check_options_apply(job: DecodeJob, spec: InputSpec) -> None:
+    """An option given for a kind of input it does not act on is refused for that input, never ignored: the user
+    asked for something the output would not show."""
+    if spec.is_image:
+        given = [flag for flag, on in (("--key", job.key is not None), ("--latent-size", job.latent_size is not None),
+                                       (f"--latent-format {job.latent_format}", job.latent_format != "auto")) if on]
+        if given:
+            raise InputError(f"{spec.path}: {' and '.join(given)} applies to latent files; this is an image, which "
+                             f"the {job.entry.backbone} VAE encodes (decode it in a run without {given[0].split()[0]})")
+    elif job.fit:
+        raise InputError(f"{spec.path}: --fit resizes image inputs; this is a latent file, which decodes at its own "
+                         "size (decode it in a run without --fit)")
 
 
 PREPASS_MEMORY = 2 << 30  # bytes the prepass threads may hold at once while reading and checking inputs
@@ -548,8 +569,9 @@ class _Session:
                     warned: set[tuple[int, int]]) -> None:
         job = self.job
         claimed_as = self.claimed_as
-        outputs = [safe_output_path(job.out, name, str(spec.path))
-                   for name in output_names(spec, probe.count, job.template)]
+        sigmas = probe.sigmas
+        outputs = [safe_output_path(job.out, name, str(spec.path))  # σ by σ: outputs[k * count + i]
+                   for name in output_names(spec, probe.count, job.template, sigmas)]
         for out in (f for o in outputs for f in self.files_of(o)):
             self._check_name_length(spec, out)
             identity = self.output_identity(out)
@@ -565,19 +587,22 @@ class _Session:
                 raise InputError(f"{spec.path}: the output {out} exists and is not a file")
             claimed[identity], claimed_as[identity] = spec, out
         _check_size(job, spec, probe.shape[1:], warned)
-        sigma = 0.0 if spec.is_image else _sigma(job, spec, probe.meta)  # an encoded image is a clean latent
-        try:
-            training_sigma(sigma, job.entry.latent.sigma_frame)  # validates the range now, not mid-run
-        except ValueError as e:
-            raise InputError(f"{spec.path}: {e}") from None
-        todo = [i for i, p in enumerate(outputs) if job.overwrite or not all(f.exists() for f in self.files_of(p))]
+        if not spec.is_image:  # an image's σ is already in the student's frame (checked by _sigmas)
+            try:
+                training_sigma(sigmas[0], job.entry.latent.sigma_frame)  # validates the range now, not mid-run
+            except ValueError as e:
+                raise InputError(f"{spec.path}: {e}") from None
+        per_output = [s for s in sigmas for _ in range(probe.count)]
+        todo = [j for j, p in enumerate(outputs) if job.overwrite or not all(f.exists() for f in self.files_of(p))]
         if not todo:
-            self.records.emit(spec, "skipped", outputs, 0.0, None, probe.warnings)
+            self.records.emit(spec, "skipped", outputs, 0.0, None, probe.warnings, per_output)
             return
         self.needs_vae |= probe.needs_vae
-        self.states[spec] = InputState(spec, outputs, len(todo), time.time(), warnings=probe.warnings)
-        self.items += [Item(spec, i, probe.shape, outputs[i], sigma, job.seed + i, plan=probe.plan,
-                            provenance=probe.provenance) for i in todo]
+        self.states[spec] = InputState(spec, outputs, len(todo), time.time(), warnings=probe.warnings,
+                                       sigmas=per_output)
+        # image i of the input at every σ: its own seed (seed + i), the same for each σ, as upstream re-seeds
+        self.items += [Item(spec, j % probe.count, probe.shape, outputs[j], per_output[j], job.seed + j % probe.count,
+                            plan=probe.plan, provenance=probe.provenance) for j in todo]
 
     def output_identity(self, out: Path) -> str:
         """Which file `out` really is: symlinks and `..` resolved, and case folded where the output folder's file
@@ -802,8 +827,9 @@ class _Session:
         the writer to finish.
         """
         job = self.job
-        latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given
-        frame = [to_training_frame(z, s, job.entry.latent.sigma_frame) for z, s in zip(latents, sigmas, strict=True)]
+        latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given (noised)
+        frame = [(z, s) if item.plan is not None else to_training_frame(z, s, job.entry.latent.sigma_frame)
+                 for item, z, s in zip(batch, latents, sigmas, strict=True)]
         text = torch.stack([self.text[item.prompt] for item in batch])
         images = decoder.decode_tensor(torch.stack([z for z, _ in frame]), text, [s for _, s in frame],
                                        [i.seed for i in batch], job.steps, pad_to=runs_as)  # [B, 3, H, W], [-1, 1]
@@ -821,14 +847,25 @@ class _Session:
 
     def _latents(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor]) -> Tensor:
         """[B, C, h, w] float32 on the decoder's device. Image items are VAE-encoded here, on the worker's
-        device, all in one call (a batch has one latent shape, so its images share one size)."""
+        device, each image once however many of its σ the batch holds, then noised to their σ as upstream's image
+        path does (`noise_clean_latent`, ε from a generator of the item's seed, made anew for each σ) and rounded to
+        bf16, which both PiD and the --compare baseline decode."""
         latents: list[Tensor | None] = [None if item.plan is not None else src.to(decoder.device, torch.float32)
                                         for item, src in zip(batch, sources, strict=True)]
         picks = [i for i, z in enumerate(latents) if z is None]
-        if picks:
-            encoded = codec.get().encode(torch.stack([sources[i] for i in picks])).float()  # [n, C, h, w]
-            for i, z in zip(picks, encoded.to(decoder.device), strict=True):
-                latents[i] = z
+        first = {batch[i].spec: i for i in reversed(picks)}  # one encode per image
+        clean: dict[InputSpec, Tensor] = {}
+        for size in dict.fromkeys(sources[i].shape for i in first.values()):  # RAE's fixed grid: several sizes
+            group = [i for i in first.values() if sources[i].shape == size]
+            encoded = codec.get().encode(torch.stack([sources[i] for i in group])).float()  # [n, C, h, w]
+            for i, z in zip(group, encoded.to(decoder.device), strict=True):
+                clean[batch[i].spec] = z
+        frame = self.job.entry.latent.sigma_frame
+        for i in picks:
+            item = batch[i]
+            generator = torch.Generator(device=decoder.device).manual_seed(item.seed)
+            noised = noise_clean_latent(clean[item.spec][None], item.sigma, generator, frame)  # [1, C, h, w]
+            latents[i] = noised[0].to(torch.bfloat16).float()
         return torch.stack(latents)
 
     def _write(self, item: Item, pixels: _Pending | Baseline, progress: _Progress,
@@ -895,7 +932,7 @@ class _Session:
         if done:
             failed = state.error is not None
             self.records.emit(state.spec, "failed" if failed else "ok", [] if failed else state.outputs,
-                              time.time() - state.started, state.error, state.warnings)
+                              time.time() - state.started, state.error, state.warnings, state.sigmas)
             if failed and self.job.fail_fast:
                 self.failed_fast.set()
 
@@ -941,22 +978,43 @@ def _mask(results: list, errors: dict[int, str]) -> list:
     return [errors.get(i, r) for i, r in enumerate(results)]
 
 
-def _sigma(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> float:
-    """Manifest > --degrade-sigma > file metadata > 0 (a clean latent); an error naming the file and the source
-    for anything but a finite number >= 0."""
-    for value, where in ((spec.degrade_sigma, "manifest"), (job.degrade_sigma, "--degrade-sigma"),
-                         (meta.get("degrade_sigma", meta.get("sigma")), "metadata")):
+def _sigmas(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> tuple[float, ...]:
+    """The σ (or, for an image, the σ sweep) to decode `spec` at: manifest > --degrade-sigma > file metadata > 0.
+    A stored latent was made at one σ, given in its backbone's own frame (converted when decoded); an image's σ
+    noises its clean latent in the student's own frame (`noise_clean_latent`), so it must lie in [0, 1]. Errors
+    name the file and where the value came from."""
+    given = [(spec.degrade_sigma, "the manifest"), (_as_sigmas(job.degrade_sigma), "--degrade-sigma")]
+    if not spec.is_image:
+        given.append((meta.get("degrade_sigma", meta.get("sigma")), "metadata"))
+    for value, where in given:
         if value is None:
             continue
-        try:
-            sigma = float(value)
-        except (TypeError, ValueError, OverflowError):
-            sigma = math.nan
-        if not 0 <= sigma < math.inf:
-            raise InputError(f"{spec.path}: degrade_sigma from {where} is {str(value)[:100]!r}, expected a finite "
-                             "number >= 0")
-        return sigma
-    return 0.0
+        values = value if isinstance(value, tuple) else (value,)
+        sigmas = []
+        for v in values:
+            try:
+                sigma = float(v)
+            except (TypeError, ValueError, OverflowError):
+                sigma = math.nan
+            if not 0 <= sigma < math.inf:
+                raise InputError(f"{spec.path}: degrade_sigma from {where} is {str(v)[:100]!r}, expected a finite "
+                                 "number >= 0")
+            if spec.is_image and sigma > 1:
+                raise InputError(f"{spec.path}: degrade_sigma {sigma:g} from {where} is outside [0, 1]; an image's "
+                                 "clean latent is noised to x_t = (1-σ)·x0 + σ·ε (SDXL: sqrt(1-σ²)·x0 + σ·ε)")
+            sigmas.append(sigma)
+        if len(sigmas) > 1 and not spec.is_image:
+            raise InputError(f"{spec.path}: a σ sweep ({where}: {', '.join(f'{v:g}' for v in sigmas)}) applies to "
+                             "image inputs; a stored latent was made at one σ, so give it one value")
+        return tuple(sigmas)
+    return (0.0,)
+
+
+def _as_sigmas(value: float | Sequence[float] | None) -> tuple[float, ...] | None:
+    """DecodeJob.degrade_sigma as a tuple: the CLI gives one, a library caller may give a single number."""
+    if value is None or isinstance(value, tuple):
+        return value
+    return tuple(value) if isinstance(value, Sequence) else (value,)
 
 
 TARGET_LONG_SIDE = {"2k": (1536, 3072), "4k": (3072, 4608)}
@@ -1063,14 +1121,30 @@ def load_vae(entry: Entry, weights: Path | None, device: torch.device, dtype: st
     """The entry's VAE as a codec that must produce exactly the latents its decoder takes.
 
     `vae.options.model_overrides` in the registry entry changes the shipped model config (a fine-tuned
-    VAE of another width; the tests' tiny VAE)."""
-    from pid_cli.vae import VAEError, load_codec
+    VAE of another width; the tests' tiny VAE). The RAE encoders (dinov2, siglip) have no VAE file: `weights`
+    is unused, their encoder folder and statistics are looked up where `fetch_run_files` put them."""
+    from pid_cli.vae import RAE_KINDS, VAEError, load_codec, rae_codec_for
 
-    if weights is None:
+    kind, torch_dtype = vae_kind(entry), {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
+    if kind in RAE_KINDS:  # an encoder folder (+ statistics), already fetched by fetch_run_files: look them up
+        from pid_cli import hub
+
+        try:
+            files = hub.ensure_files(entry, decoder=False, text_encoder=False, download=False, notice=None).vae
+        except hub.HubError as e:
+            raise VAEError(str(e)) from None
+        codec = rae_codec_for(kind, files, entry.latent.normalisation, entry.vae.options, device, torch_dtype)
+        weights = files["encoder"]
+        grid = entry.latent.fixed_grid
+        if tuple(grid or ()) != (codec.grid, codec.grid):  # the prepass planned every image with this grid
+            raise VAEError(f"{weights}: this encoder makes a {codec.grid}x{codec.grid} latent grid at its "
+                           f"{codec.input_size}² input; {entry.id} decodes "
+                           + (f"{grid[0]}x{grid[1]}" if grid else "no fixed grid (latent.fixed_grid)"))
+    elif weights is None:
         raise VAEError(f"{entry.id}: no VAE weight file was resolved")
-    overrides = entry.vae.options.get("model_overrides") if entry.vae else None
-    codec = load_codec(vae_kind(entry), weights, device, {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype),
-                       overrides=overrides)
+    else:
+        overrides = entry.vae.options.get("model_overrides") if entry.vae else None
+        codec = load_codec(kind, weights, device, torch_dtype, overrides=overrides)
     if (codec.channels, codec.factor) != (entry.latent.channels, entry.latent.vae_factor):
         raise VAEError(f"{weights}: this VAE makes {codec.channels}-channel latents at 1/{codec.factor} size; "
                        f"{entry.id} decodes {entry.latent.channels}-channel latents at 1/{entry.latent.vae_factor}")

@@ -244,6 +244,7 @@ def test_non_finite_pixels_fail_their_item_only(setup, monkeypatch):
     assert sorted(p.name for p in s["out"].iterdir()) == ["pair_1.png"]
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_a_slow_disk_holds_the_decode_back(setup, monkeypatch):
     """Decoded images waiting for a writer hold (pinned) host memory: at most 2 per writer thread wait, plus
     the one the decode thread is handing over, however far the writers fall behind."""
@@ -274,6 +275,7 @@ def test_a_slow_disk_holds_the_decode_back(setup, monkeypatch):
     assert counts["written"] == 14 and 3 <= counts["most_waiting"] <= 2 * 2 + 1
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_sigint_leaves_only_complete_pngs_and_rerun_finishes(setup):
     s = setup
     n = 24

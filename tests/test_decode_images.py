@@ -167,7 +167,8 @@ def test_compare_writes_the_vae_decode_and_a_strip(setup):
     # NAME.vae.png is the VAE's own decode of the same latent, Lanczos-upscaled to PiD's size.
     expected = to_uint(resize_lanczos(codec.decode(z[None]), (128, 128)))[0]
     assert np.abs(_pixels(out / "lat.vae.png") - expected).max() <= 1
-    photo_latent = codec.encode(to_tensor(_gradient(32, 32)))
+    # an image's latent is rounded to bf16 before both decodes, as upstream's image path does
+    photo_latent = codec.encode(to_tensor(_gradient(32, 32))).to(torch.bfloat16).float()
     expected = to_uint(resize_lanczos(codec.decode(photo_latent), (128, 128)))[0]
     assert np.abs(_pixels(out / "photo.vae.png") - expected).max() <= 1
     # Strips: [VAE | PiD] for latents, [input | VAE | PiD] for images, 16 px white gaps.
@@ -276,7 +277,7 @@ def test_color_fix_on_the_real_decoder_moves_colour_towards_the_vae(setup):
 
 def test_images_need_an_encoder_pid_supports(setup):
     s = setup
-    s["entry"]["vae"] = {"format": "rae-dinov2", "files": {"decoder": {"path": str(s["reg"])}}}
+    s["entry"]["vae"] = {"format": "custom-vae", "files": {"decoder": {"path": str(s["reg"])}}}
     s["reg"].write_text(yaml.safe_dump({"version": 1, "entries": [s["entry"]]}))
     Image.fromarray(_gradient(32, 32)).save(s["inputs"] / "photo.png")
     save_file({"x": _latent(4)}, s["inputs"] / "lat.safetensors")
@@ -284,7 +285,8 @@ def test_images_need_an_encoder_pid_supports(setup):
     assert result.exit_code == 1
     assert records["lat.safetensors"]["status"] == "ok"  # latents still decode
     assert records["photo.png"]["status"] == "failed"
-    assert "photo.png" in records["photo.png"]["error"] and "not supported yet" in records["photo.png"]["error"]
+    error = records["photo.png"]["error"]
+    assert "photo.png" in error and "unknown VAE kind 'custom-vae'" in error
     result = CliRunner().invoke(app, _args(s, "--compare"))
     assert result.exit_code == 2 and "--compare needs the flux VAE decoder" in result.output
 
@@ -295,11 +297,12 @@ def test_bad_options_and_sigma_on_images(setup, tmp_path):
     result = CliRunner().invoke(app, _args(s, "--color-fix", "histogram"))
     assert result.exit_code == 2 and "--color-fix" in result.output
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"input": str(s["inputs"] / "photo.png"), "degrade_sigma": 0.5}) + "\n")
+    manifest.write_text(json.dumps({"input": str(s["inputs"] / "photo.png"), "degrade_sigma": 1.5}) + "\n")
     args = _args(s)
     args[1] = str(manifest)
     result, records = _run(args)
-    assert result.exit_code == 1 and "an encoded image is clean" in records["photo.png"]["error"]
+    assert result.exit_code == 1
+    assert "degrade_sigma 1.5 from the manifest is outside [0, 1]" in records["photo.png"]["error"]
     Image.fromarray(_gradient(8, 40)).save(s["inputs"] / "sliver.png")
     Image.fromarray(_gradient(16, 8208)).save(s["inputs"] / "banner.png")
     save_file({"x": _latent(6)}, s["inputs"] / "a.safetensors")

@@ -77,10 +77,10 @@ def test_list_says_which_backbones_take_images():
     result = CliRunner().invoke(app, ["list", "--json"])
     assert result.exit_code == 0
     records = {r["id"]: r["image_inputs"] for r in json.loads(result.stdout)}
-    assert records["dinov2-2k"] is False and records["siglip-2k"] is False
-    assert all(v for k, v in records.items() if not k.startswith(("dinov2", "siglip")))
+    assert records["dinov2-2k"] is True and records["siglip-2k"] is True  # the RAE encoders take images too
+    assert all(records.values())
     table = CliRunner().invoke(app, ["list"], env={"COLUMNS": "200"}).stdout
-    assert "dinov2 (latents only)" in table and "flux (latents only)" not in table
+    assert "latents only" not in table and "dinov2" in table
 
 
 def test_doctor_reports_the_8bit_modes_per_gpu_architecture(monkeypatch):

@@ -223,6 +223,7 @@ def test_out_of_memory_retries_smaller_batches_then_single_images(tiny, monkeypa
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that_runs_out(tiny, monkeypatch):
     """`--compile on` (the compiler stood in by a counter that runs the graphs as they are): 5 inputs in batches
     of 2 run as 2, 2 and the last image padded to 2, which compiles nothing and says batch 2 in its PNG. Resuming
@@ -392,6 +393,7 @@ def _spawn(t, *extra):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_kill_9_leaves_only_complete_pngs_and_a_rerun_finishes(tiny):
     n = 24
     latents(tiny, n, shape=(16, 6, 6))
@@ -411,6 +413,7 @@ def test_kill_9_leaves_only_complete_pngs_and_a_rerun_finishes(tiny):
     assert sum(r["status"] == "ok" for r in records) == n - len(done)
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_two_processes_on_one_output_folder_never_both_write_a_file(tiny):
     n = 16
     latents(tiny, n, shape=(16, 3, 3))

@@ -508,8 +508,9 @@ def test_fuzz_manifests(out_tree, data):
             specs = []
         for spec in specs:
             assert spec.path.is_file()
-            assert spec.degrade_sigma is None or 0 <= spec.degrade_sigma < math.inf
-            for name in output_names(spec, 2, "{dir}/{stem}.png"):
+            sigmas = spec.degrade_sigma or (0.0,)
+            assert sigmas and all(0 <= s < math.inf for s in sigmas)
+            for name in output_names(spec, 2, "{dir}/{stem}.png", sigmas):
                 check_output(out_tree / "out", name)
         try:
             entries = read_prompt_manifest(path)

@@ -7,6 +7,7 @@ check that real graphs are bit-identical is `scripts/gpu_parity.py`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_config, tiny_fixture
 
@@ -150,6 +151,7 @@ def test_only_the_most_recently_used_signatures_are_kept(monkeypatch):
     assert len(captured) == 3  # 3 and 4 captured once each, 5 once; 3 was never captured again
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_compiled_blocks_compile_once_per_output_size_never_per_image():
     """Time to first image stays the first image's: a decode compiles what its output size needs once, and every
     later image of that size (new noise, text, latent, σ, seed) runs what was compiled. A second size compiles its

@@ -140,7 +140,7 @@ def test_download_to_plain_dir(served, reg, tmp_path):
 
 def test_dinov2_entry_resolves_files_and_encoder_folder(served, reg):
     files = hub.ensure_files(reg.resolve("dinov2"), text_encoder=False)
-    assert set(files.vae) == {"stats", "decoder", "encoder"}
+    assert set(files.vae) == {"stats", "encoder"}  # the RAE decoder is not used
     assert files.vae["stats"].name == "stat.pt"
     assert (files.vae["encoder"] / "config.json").is_file()
     assert files.text_encoder is None

@@ -45,7 +45,7 @@ def test_folders_globs_stdin_and_manifests(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"input": "in/a.safetensors", "prompt": "cat", "degrade_sigma": 0.2}) + "\n")
     (spec,) = collect_inputs([str(manifest), str(a)])  # the manifest's settings win for the same file
-    assert (spec.path, spec.prompt, spec.degrade_sigma) == (a, "cat", 0.2)
+    assert (spec.path, spec.prompt, spec.degrade_sigma) == (a, "cat", (0.2,))
 
 
 @pytest.mark.parametrize("line, message", [

@@ -269,6 +269,7 @@ def test_auto_batch_fills_the_gpu_once_per_output_size_and_no_further(monkeypatc
                                                        (1, latent(4096, 4096))]
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_a_batch_padded_to_a_compiled_size_compiles_nothing_and_returns_only_its_own_images(tmp_path, monkeypatch):
     """`pad_to` runs a short batch as a batch of that many images, copies of its last one filling it: a size
     already compiled at that batch size compiles nothing more, and what comes back is the batch's own images,

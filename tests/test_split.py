@@ -120,6 +120,7 @@ def dying_build(*args, **kwargs):
 REAL_BUILD = pipeline.build_network
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_a_helper_lost_mid_decode_fails_that_decode_naming_its_device_and_the_next_decode_works(
         entry, tmp_path, monkeypatch):
     marker = tmp_path / "die"
@@ -195,6 +196,7 @@ def test_tiny_config_has_the_head_counts_these_tests_assume():
     assert PiDNet.attention_heads({}) == (24, 16)  # the released networks' defaults
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny):  # noqa: F811
     n = 16
     latents(tiny, n, shape=(16, 6, 6))
@@ -213,6 +215,7 @@ def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny):  # noqa
     assert hidden(tiny["out"]) == [] and helpers and _all_gone(helpers)
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_a_plain_script_without_main_guard_or_close_decodes_split_and_exits(entry, tmp_path):
     script = tmp_path / "render.py"  # helpers must not re-run it (multiprocessing's spawn would)
     script.write_text(f"import sys, torch; sys.path[:0] = {sys.path[:1]!r}\n"

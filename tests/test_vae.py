@@ -96,9 +96,10 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def test_kinds_and_registry_formats():
     assert set(FORMATS.values()) == set(KINDS)
     assert resolve_kind("bfl-flux1-ae") == "flux1" and resolve_kind("qwenimage-vae-2d") == "qwenimage"
-    for name in ("rae-dinov2", "scale-rae-siglip2", "dinov2", "siglip"):
-        with pytest.raises(VAEError, match="not supported yet"):
-            resolve_kind(name)
+    assert resolve_kind("rae-dinov2") == "dinov2" and resolve_kind("scale-rae-siglip2") == "siglip"
+    for name in ("rae-dinov2", "scale-rae-siglip2", "dinov2", "siglip"):  # encoders only: no VAE baseline
+        with pytest.raises(VAEError, match="no VAE baseline"):
+            resolve_kind(name, decoder=True)
     with pytest.raises(VAEError, match="unknown VAE kind"):
         resolve_kind("vqgan")
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
 
@@ -36,6 +37,7 @@ def test_workers_split_the_runs_own_shard_round_robin(tmp_path):
     assert abs(len(shares[0]) - len(shares[1])) <= 1
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_two_workers_decode_what_one_device_does_and_the_parent_writes_every_record(tiny):  # noqa: F811
     n = 7
     latents(tiny, n, shape=(16, 3, 3))
@@ -80,6 +82,7 @@ def _wait_for_pngs(t, proc: subprocess.Popen, count: int) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_a_killed_workers_inputs_are_recorded_as_failed(tiny):  # noqa: F811
     n = 24
     latents(tiny, n, shape=(16, 6, 6))
@@ -104,6 +107,7 @@ def test_a_killed_workers_inputs_are_recorded_as_failed(tiny):  # noqa: F811
     assert result.exit_code == 0 and len(pngs(tiny["out"])) == n and hidden(tiny["out"]) == []
 
 
+@pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
 def test_ctrl_c_stops_every_worker_with_one_record_per_input(tiny):  # noqa: F811
     n = 24
     latents(tiny, n, shape=(16, 6, 6))

@@ -4,9 +4,10 @@
     latent = codec.encode(images)        # [B, 3, H, W] in [-1, 1] → [B, 16, H/8, W/8], spec §7.3
     baseline = codec.decode(latent)      # the backbone VAE's own decode, for --compare / --color-fix
 
-Kinds: flux1 (also Z-Image), flux2 (also FLUX.2-klein), sd3, sdxl, qwenimage (also -2512). The
-registry's `vae.format` names are accepted too. RAE/DINOv2 and Scale-RAE/SigLIP are not supported
-yet: `load_codec` says so instead of half-working.
+Kinds: flux1 (also Z-Image), flux2 (also FLUX.2-klein), sd3, sdxl, qwenimage (also -2512), and the
+representation encoders dinov2 (RAE) and siglip (Scale-RAE), which encode only (`rae.py`: built from an
+encoder folder with `load_rae_codec`, no decoder, so no VAE baseline). The registry's `vae.format` names
+are accepted too.
 """
 
 from __future__ import annotations
@@ -30,29 +31,33 @@ from pid_cli.vae.flux2 import (
 )
 from pid_cli.vae.kl import KLCodec, load_kl_state
 from pid_cli.vae.qwenimage import QwenImageCodec, load_qwen_state
+from pid_cli.vae.rae import NO_DECODER, RAE_KINDS, load_rae_codec, rae_codec_for
 
-KINDS = ("flux1", "flux2", "sd3", "sdxl", "qwenimage")
+KINDS = ("flux1", "flux2", "sd3", "sdxl", "qwenimage", *RAE_KINDS)
 FORMATS = IMAGE_ENCODER_KINDS  # registry `vae.format` → kind
-UNSUPPORTED = {
-    "rae-dinov2": "the DINOv2 RAE decoder checkpoint has no diffusers/transformers loader yet",
-    "scale-rae-siglip2": "the Scale-RAE SigLIP-2 decoder checkpoint has no diffusers/transformers loader yet",
-}
-UNSUPPORTED.update({"dinov2": UNSUPPORTED["rae-dinov2"], "siglip": UNSUPPORTED["scale-rae-siglip2"]})
 
 __all__ = [
-    "FORMATS", "KINDS", "LatentCodec", "VAEError", "build_codec", "denormalize_flux2", "flux2_bn_stats",
-    "load_codec", "load_config", "normalize_flux2", "patchify_flux2", "resolve_kind", "unpatchify_flux2",
+    "FORMATS", "KINDS", "NO_DECODER", "RAE_KINDS", "LatentCodec", "VAEError", "build_codec", "denormalize_flux2",
+    "flux2_bn_stats", "load_codec", "load_config", "load_rae_codec", "normalize_flux2", "patchify_flux2",
+    "rae_codec_for", "resolve_kind", "unpatchify_flux2",
 ]
 
 
-def resolve_kind(kind_or_format: str) -> str:
-    """A codec kind from a kind or a registry `vae.format` name."""
-    if kind_or_format in UNSUPPORTED:
-        raise VAEError(f"image input for {kind_or_format!r} is not supported yet: {UNSUPPORTED[kind_or_format]}. "
-                       "Decode latents for this backbone instead.")
+def resolve_kind(kind_or_format: str, *, decoder: bool = False) -> str:
+    """A codec kind from a kind or a registry `vae.format` name; with `decoder`, only kinds that can also
+    decode (a VAE baseline for --compare / --color-fix)."""
     kind = FORMATS.get(kind_or_format, kind_or_format)
     if kind not in KINDS:
         raise VAEError(f"unknown VAE kind {kind_or_format!r}; known: {', '.join(KINDS)}")
+    if decoder and kind in NO_DECODER:
+        raise VAEError(NO_DECODER[kind])
+    return kind
+
+
+def _vae_kind(kind_or_format: str) -> str:
+    kind = resolve_kind(kind_or_format)
+    if kind in RAE_KINDS:
+        raise VAEError(f"{kind} has no VAE file: its encoder is built from a folder with load_rae_codec")
     return kind
 
 
@@ -69,7 +74,7 @@ def build_codec(kind: str, state: dict[str, Tensor] | None = None, *, device: to
                 source: str = "state dict") -> LatentCodec:
     """A codec from a state dict (any accepted layout), or with random weights when `state` is None.
     `overrides` change the shipped model config (tests build tiny VAEs this way)."""
-    kind = resolve_kind(kind)
+    kind = _vae_kind(kind)
     config = load_config(kind, overrides)
     model = _random_model(kind, config) if state is None else _load_model(kind, config["model"], state, source)
     if kind == "flux2":
@@ -83,7 +88,7 @@ def load_codec(kind: str, weights_path: str | Path, device: torch.device | str =
                dtype: torch.dtype | None = None, *, overrides: dict[str, Any] | None = None) -> LatentCodec:
     """The codec of `kind` (or registry format name) with weights from `weights_path`, loaded strictly.
     dtype defaults to bf16 on accelerators (as upstream encodes), float32 on CPU."""
-    kind = resolve_kind(kind)
+    kind = _vae_kind(kind)
     return build_codec(kind, read_tensors(weights_path), device=device, dtype=dtype, overrides=overrides,
                        source=str(weights_path))
 
