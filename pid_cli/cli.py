@@ -238,7 +238,7 @@ def doctor(
 def _parse_devices(text: str | None) -> list:
     import torch
 
-    from pid_cli.pipeline import resolve_device
+    from pid_cli.devices import resolve_device
 
     if text is None or text == "auto":
         return [resolve_device(None)]
@@ -315,8 +315,8 @@ def decode(
                                                 "one worker process each.")] = None,
     gpus_per_image: Annotated[int, typer.Option("--gpus-per-image", min=1, help="Split each image across N "
                                                 "of --devices (1, 2, 4 or 8; attention heads spread over them) "
-                                                "for latency: on H200s a 4K image takes 1.7x less time on 2, "
-                                                "2.9x on 4, at the cost of total throughput (BENCHMARKS.md).")] = 1,
+                                                "for latency, at the cost of total throughput "
+                                                "(docs/performance.md#gpus-per-image).")] = 1,
     shard: Annotated[str | None, typer.Option("--shard", help="K/N: decode the K-th of N partitions of the "
                                               "sorted inputs (default from torchrun or Slurm).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Item i of an input file uses seed+i.")] = 0,
@@ -324,15 +324,16 @@ def decode(
     dtype: Annotated[str | None, typer.Option("--dtype", help="bf16 or fp32 (default: bf16 on GPU, fp32 on "
                                               "CPU).")] = None,
     attention: Annotated[str, typer.Option("--attention", help="bf16 (cuDNN, exact to the bf16 policy) or "
-                                           "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs; on an H100 a 4K "
-                                           "decode is 1.20x faster (2K: 1.13x) at a small, measured error "
-                                           "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
+                                           "8bit: INT8 Q.K and FP8 P.V on Hopper/Ada GPUs, faster at a small, "
+                                           "measured error (docs/performance.md#speed-modes); recorded in the "
+                                           "PNG metadata.")] = "bf16",
     matmul: Annotated[str, typer.Option("--matmul", help="bf16 or fp8: the image-token matmuls in FP8 on "
-                                        "Hopper/Ada GPUs; on an H100 a 2K decode is 1.3x faster (4K: 1.39x) "
-                                        "together with --attention 8bit, at a small, measured error "
-                                        "(BENCHMARKS.md); recorded in the PNG metadata.")] = "bf16",
+                                        "Hopper/Ada GPUs, faster (most with --attention 8bit) at a small, "
+                                        "measured error (docs/performance.md#speed-modes); recorded in the "
+                                        "PNG metadata.")] = "bf16",
     compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
-                                         "(16-34% faster per image, ~15-20 s to start per output size); auto "
+                                         "(faster per image, after a start-up cost per output size: "
+                                         "docs/performance.md#compile); auto "
                                          "compiles only when each GPU has over 400 output megapixels to decode "
                                          "(~96 2K or 24 4K images).")] = "auto",
     bit_depth: Annotated[int, typer.Option("--bit-depth", help="8 or 16 bits per channel.")] = 8,
@@ -361,12 +362,12 @@ def decode(
     130 interrupted. Existing outputs are skipped, so rerunning a command resumes it.
     """
     from pid_cli import hub
+    from pid_cli.decode import EXIT_USAGE, DecodeJob, run
     from pid_cli.inputs import InputError, parse_shard, parse_sigmas, shard_from_env
     from pid_cli.latents import FORMATS, parse_size
     from pid_cli.model.layers import ATTENTION_MODES
     from pid_cli.model.linear8 import MATMUL_MODES
     from pid_cli.registry import RegistryError, load_registry
-    from pid_cli.runner import EXIT_USAGE, DecodeJob, run
 
     def usage(message: str) -> typer.Exit:
         typer.echo(f"error: {message}", err=True)

@@ -8,7 +8,7 @@ input's latent shape before any GPU work, so the size is planned here from the f
 Size rules (what `pid decode --help` and the README state):
 
 * Default: centre-crop each side down to a multiple of `crop_multiple(entry)`, no resizing. That
-  multiple is lcm(16, VAE factor, patch / gcd(patch, sr)): 16 is upstream's rule (spec §8.1), the VAE
+  multiple is lcm(16, VAE factor, patch / gcd(patch, sr)): 16 is upstream's rule (docs/model.md#image-inputs), the VAE
   factor makes the latent grid whole, and the last term makes PiD's output side (image side × sr) a
   multiple of the network's patch size. It is 16 for every released checkpoint.
 * `--fit`: the output size is the trained size (`fit_sizes`) whose aspect ratio is closest to the

@@ -1,4 +1,4 @@
-"""Reading image files and preparing them for a backbone encoder (spec §8.1), plus `--fit`.
+"""Reading image files and preparing them for a backbone encoder (docs/model.md#image-inputs), plus `--fit`.
 
 Rules (each one tested in tests/test_images.py):
 * Formats: whatever Pillow opens (PNG, JPEG, WebP, TIFF, BMP, GIF, …); the first frame of
@@ -19,7 +19,7 @@ Rules (each one tested in tests/test_images.py):
   unchanged; transparent ones become white instead of whatever colour the file happens to keep
   under them (upstream's `convert("RGB")` keeps that hidden colour).
 * Values: uint8 → v/127.5 − 1, uint16 → v/32767.5 − 1 (both map the full range onto [−1, 1]).
-* Size (spec §8.1): centre-crop each side down to a multiple of 16, left = (w − w')//2,
+* Size (docs/model.md#image-inputs): centre-crop each side down to a multiple of 16, left = (w − w')//2,
   top = (h − h')//2, no resizing. `--fit` instead resizes onto a target bucket (`fit_to_target`).
 """
 
@@ -340,7 +340,7 @@ def to_tensor(img: np.ndarray) -> Tensor:
 
 
 def preprocess(img: np.ndarray, multiple: int = 16) -> np.ndarray:
-    """Centre-crop each side down to a multiple of `multiple` (spec §8.1; no resizing)."""
+    """Centre-crop each side down to a multiple of `multiple` (upstream's rule; no resizing)."""
     h, w = img.shape[:2]
     nh, nw = h // multiple * multiple, w // multiple * multiple
     if nh == 0 or nw == 0:
@@ -414,7 +414,7 @@ def resize_lanczos(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
-    """[3, H, W] or [1, 3, H, W] in [−1, 1] → H×W×3 uint8 with upstream's rule (spec §8.2):
+    """[3, H, W] or [1, 3, H, W] in [−1, 1] → H×W×3 uint8 with upstream's rule (docs/model.md#output-pixels):
     floor((clamp(x, −1, 1) + 1)·127.5), computed in float32, truncated."""
     if x.ndim == 4:
         if x.shape[0] != 1:

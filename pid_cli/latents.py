@@ -694,7 +694,7 @@ def to_training_frame(latent: Tensor, sigma: float, frame: str) -> tuple[Tensor,
 
     Flow-matching backbones pass through. SDXL's Euler scheduler works in the variance-
     exploding frame x = x0 + σ·ε; the SDXL student was trained in the variance-preserving
-    one, so x_vp = x / sqrt(σ² + 1) and σ_vp = σ / sqrt(σ² + 1) (spec §7.2).
+    one, so x_vp = x / sqrt(σ² + 1) and σ_vp = σ / sqrt(σ² + 1) (docs/model.md#sdxl-sigma-frame).
     """
     trained = training_sigma(sigma, frame)
     if frame == "euler-ve" and sigma > 0:

@@ -1,7 +1,7 @@
 """`Decoder`: a PiD checkpoint loaded once, decoding batches of latents to pixels.
 
 This is the library API and what every `pid decode` worker runs. Latent conversion lives in
-`latents.py`, prompts in `text.py`, files on disk in `runner.py`.
+`latents.py`, prompts in `text.py`, files on disk in `decode/`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from pid_cli import paths
+from pid_cli.devices import resolve_device
+from pid_cli.latents import to_training_frame
 from pid_cli.model import PiDNet, layers, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.model.layers import fast_attention
@@ -80,17 +82,6 @@ class CompileGate:
 
 
 _GATE = CompileGate()
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/'auto' → this process's GPU if there is one, else the CPU. Under torchrun (LOCAL_RANK) or an srun
-    step (SLURM_LOCALID) each process of a node takes its own GPU of those it sees, not all of them the first."""
-    if device is None or device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-        return torch.device(f"cuda:{int(local) % torch.cuda.device_count() if local.isdigit() else 0}")
-    return torch.device(device)
 
 
 def to_uint(images: Tensor, bit_depth: int = 8) -> np.ndarray:
@@ -165,7 +156,7 @@ def build_network(net_config: dict, weights: str, device: torch.device, shard: H
     if shard is not None:
         net.split_heads(shard)  # before the move: the other devices' rows never reach this one
     net = net.to(device).eval().requires_grad_(False)
-    net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see model/attention8.py)
+    net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see kernels/attention8.py)
     if matmul == "fp8":
         net.use_fp8_matmuls()  # opt-in FP8 image-token matmuls (see model/linear8.py)
     if compile:
@@ -279,7 +270,7 @@ class Decoder:
 
         `pad_to` > B runs the batch as one of `pad_to` images, copies of the last filling it
         (dropped after). Why: compiled code and CUDA graphs are per shape, so `pid decode` runs
-        a short batch as a full one rather than compile again (runner.plan_batches).
+        a short batch as a full one rather than compile again (decode/plan.py: plan_batches).
         """
         b, _, h, w = latents.shape
         seed_list = [seeds + i for i in range(b)] if isinstance(seeds, int) else list(seeds)
@@ -340,6 +331,8 @@ class Decoder:
 
         Give `prompts` (embedded through the cache, Gemma only for misses) or `prompt_embeds`
         [B, 300, 2304]; neither means the empty caption, the condition PiD saw for dropped captions.
+        `degrade_sigma` is the latents' σ as their sampler gives it (SDXL: the Euler σ of an x_t), exactly as
+        `pid decode` reads it; `decode_tensor` takes latents and σ already in the student's frame.
         """
         if latents.dim() == 3:
             latents = latents[None]
@@ -348,4 +341,15 @@ class Decoder:
             if len(prompts) == 1:
                 prompts = prompts * latents.shape[0]
             prompt_embeds = self.embed(prompts)
-        return to_uint(self.decode_tensor(latents, prompt_embeds, degrade_sigma, seed, steps), bit_depth)
+        sigmas = [float(degrade_sigma)] * latents.shape[0] if isinstance(degrade_sigma, (int, float)) else degrade_sigma
+        latents, trained = self.to_trained_frame(latents, sigmas)
+        return to_uint(self.decode_tensor(latents, prompt_embeds, trained, seed, steps), bit_depth)
+
+    def to_trained_frame(self, latents: Tensor, sigmas: Sequence[float]) -> tuple[Tensor, list[float]]:
+        """Stored latents [B, C, h, w] and their σ as given → the frame the student was trained in (SDXL's Euler
+        x_t = x0 + σ·ε becomes the variance-preserving one; flow-matching backbones pass through)."""
+        if len(sigmas) != latents.shape[0]:
+            raise ValueError(f"batch of {latents.shape[0]} latents needs {latents.shape[0]} sigmas, got {len(sigmas)}")
+        frame = self.entry.latent.sigma_frame
+        pairs = [to_training_frame(z, float(s), frame) for z, s in zip(latents, sigmas, strict=True)]
+        return torch.stack([z for z, _ in pairs]), [s for _, s in pairs]

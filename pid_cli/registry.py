@@ -96,7 +96,8 @@ class Latent:
     patchify: int = 1
     normalisation: dict[str, Any] = field(default_factory=dict)
     fixed_grid: tuple[int, int] | None = None
-    sigma_frame: str = "flow"  # "euler-ve": x_t = x0 + σ·ε as SDXL's Euler scheduler keeps it (spec §7.2)
+    # "euler-ve": x_t = x0 + σ·ε as SDXL's Euler scheduler keeps it (docs/model.md#sdxl-sigma-frame)
+    sigma_frame: str = "flow"
     comfyui: str | None = None  # what ComfyUI's LATENT holds: "raw" VAE output, "pid" (normalised), None: no such
 
 

@@ -1,4 +1,4 @@
-"""The distilled students' few-step SDE sampler (spec §4).
+"""The distilled students' few-step SDE sampler (docs/model.md#sampler).
 
 Each step predicts x0 from the velocity v = ε − x0 and, unless it is the last, re-noises
 x0 to the next timestep with fresh Gaussian noise. Arithmetic follows upstream exactly:
@@ -91,13 +91,13 @@ def sample(net: nn.Module, noise: Tensor, y: Tensor, lq_latent: Tensor, degrade_
 def step(x: Tensor, v: Tensor, t_cur: float, t_next: float, noise: Tensor | None) -> Tensor:
     """One step from x at t_cur with velocity v: x0 = x − t_cur·v in float64, rounded to float32, then
     re-noised to t_next with `noise` (float32: (1 − t_next)·x0 + t_next·noise), or x0 itself at the last
-    step. t_cur and t_next are float32 values. On a GPU one Triton kernel (`step_kernel`) does it with the
+    step. t_cur and t_next are float32 values. On a GPU one Triton kernel (`kernels.sampler_step`) does it with the
     same roundings, bit for bit."""
     if layers.triton_kernels(x):
-        from pid_cli import step_kernel
+        from pid_cli.kernels import sampler_step
 
         with torch.cuda.device(x.device):  # Triton launches on the current device
-            return step_kernel.launch(x, v, t_cur, t_next, noise)
+            return sampler_step.launch(x, v, t_cur, t_next, noise)
     t_cur32, t_next32 = (torch.tensor(t, dtype=torch.float32) for t in (t_cur, t_next))
     x0 = (x.double() - t_cur32.double() * v.double()).float()
     return x0 if noise is None else (1 - t_next32) * x0 + t_next32 * noise

@@ -1,4 +1,4 @@
-"""Text conditioning: Gemma-2 caption embeddings exactly as PiD was trained on them (spec §6).
+"""Text conditioning: Gemma-2 caption embeddings exactly as PiD was trained on them (docs/model.md#text-conditioning).
 
 Pipeline per caption: ``CHI_PREFIX + caption`` → tokens (BOS, right padding/truncation to
 ``N_chi + M − 2``) → Gemma-2 final-norm hidden states → keep BOS + last ``M − 1`` positions
@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pid_cli.devices import resolve_device
 from pid_cli.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class PromptEmbedsError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token selection (spec §6.3) — pure, testable with any tokenizer.
+# Token selection (docs/model.md#text-conditioning) — pure, testable with any tokenizer.
 
 
 def padded_length(n_chi: int, model_max_length: int = MODEL_MAX_LENGTH) -> int:
@@ -155,13 +156,11 @@ def tokenize_captions(tok: CaptionTokenizer, captions: Sequence[str], chi: str =
 # The encoder (lazy).
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(device: str | torch.device | None) -> torch.device:
     try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise TextEncoderError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+        return resolve_device(device)
+    except ValueError as exc:
+        raise TextEncoderError(str(exc)) from exc
 
 
 def snapshot_revision(folder: Path) -> str:
@@ -194,7 +193,7 @@ class TextEncoder:
                  dtype: torch.dtype | None = None, revision: str | None = None,
                  model_max_length: int = MODEL_MAX_LENGTH, batch_size: int = 8) -> None:
         self.snapshot = Path(snapshot)
-        self.device = resolve_device(device)
+        self.device = _device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model_max_length = model_max_length
         self.batch_size = batch_size

@@ -27,19 +27,39 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from attention8_bench import SHAPES, inputs, rel_l2, sdpa, timed  # noqa: E402
 
-from pid_cli.model import attention8, attention8_kernel  # noqa: E402
+from pid_cli.kernels import attention8 as attention8_kernel  # noqa: E402
+from pid_cli.kernels import reference  # noqa: E402
+
+# (module, its file) loaded from the other side, the module doing `quantize_kv` first, then the one with `launch`:
+# pid_cli/kernels/ since the kernels moved there, pid_cli/model/ before
+LAYOUTS = {"kernels": [("constants", "pid_cli/kernels/constants.py"), ("reference", "pid_cli/kernels/reference.py"),
+                       ("attention8_kernel", "pid_cli/kernels/attention8.py")],
+           "model": [("attention8", "pid_cli/model/attention8.py"),
+                     ("attention8_kernel", "pid_cli/model/attention8_kernel.py")]}
+IMPORTS = {"from pid_cli.kernels.constants import": "from ab_constants import",
+           "from pid_cli.kernels import constants\n": "import ab_constants as constants\n",
+           "from pid_cli.model.attention8 import": "from ab_attention8 import",
+           "from pid_cli.model.layers import on_device": "from pid_cli.kernels.ops import on_device"}
+
+
+def read(rev: str, path: str) -> str | None:
+    if Path(rev).is_dir():
+        file = Path(rev) / path
+        return file.read_text() if file.is_file() else None
+    out = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
 
 
 def load_revision(rev: str, folder: Path):
-    """The revision's (or the folder's) attention8 and attention8_kernel modules, loaded under private names."""
+    """The revision's (or the folder's) `quantize_kv` module and kernel module, loaded under private names."""
+    files = LAYOUTS["kernels"] if read(rev, LAYOUTS["kernels"][-1][1]) is not None else LAYOUTS["model"]
     modules = []
-    for name in ("attention8", "attention8_kernel"):
-        if Path(rev).is_dir():
-            source = (Path(rev) / f"pid_cli/model/{name}.py").read_text()
-        else:
-            source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:pid_cli/model/{name}.py"],
-                                    capture_output=True, text=True, check=True).stdout
-        source = source.replace("from pid_cli.model.attention8 import", "from ab_attention8 import")
+    for name, file in files:
+        source = read(rev, file)
+        if source is None:
+            raise SystemExit(f"{rev}: no {file}")
+        for old, new in IMPORTS.items():
+            source = source.replace(old, new)
         path = folder / f"ab_{name}.py"
         path.write_text(source)
         spec = importlib.util.spec_from_file_location(f"ab_{name}", path)
@@ -47,7 +67,7 @@ def load_revision(rev: str, folder: Path):
         sys.modules[f"ab_{name}"] = module
         spec.loader.exec_module(module)
         modules.append(module)
-    return modules
+    return modules[-2:]
 
 
 def main() -> None:
@@ -60,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         old8, old_kernel = load_revision(args.rev, Path(tmp))
-        sides = {args.rev: (old8, old_kernel), "working tree": (attention8, attention8_kernel)}
+        sides = {args.rev: (old8, old_kernel), "working tree": (reference, attention8_kernel)}
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
         print(f"| shape | {' | '.join(f'{s} TFLOP/s' for s in sides)} | rel L2 vs fp32, logit std 1 / 3 |")
         print("|---|---|---|---|")

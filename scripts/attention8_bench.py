@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pid_cli.model import attention8, attention8_kernel
+from pid_cli.kernels import attention8 as attention8_kernel
+from pid_cli.kernels import reference
 from pid_cli.model.layers import fast_attention
 
 SHAPES = {  # name: (query tokens, key tokens, heads, head_dim)
@@ -97,8 +98,8 @@ def accuracy(name: str, qkv: tuple, std: float) -> None:
     exact = sdpa(q.float(), k.float(), v.float())
     with fast_attention():
         bf16 = sdpa(q, k, v)
-    ref = attention8.reference_attention(q, k, v)
-    packed = attention8.quantize_kv(k, v)
+    ref = reference.attention8(q, k, v)
+    packed = reference.quantize_kv(k, v)
     out = attention8_kernel.launch(q, *packed, k.shape[1])
     assert torch.isfinite(out).all()
     print(f"| {name} | {std:g} | {rel_l2(bf16, exact):.2e} | {rel_l2(ref, exact):.2e} | {rel_l2(out, exact):.2e} | "
@@ -122,7 +123,7 @@ def main() -> None:
                 accuracy(name, inputs(4096, nk, heads, d, std, gen), std)
 
     print("\n## speed (TFLOP/s; ms in brackets)")
-    quantize = torch.compile(attention8.quantize_kv, dynamic=False)
+    quantize = torch.compile(reference.quantize_kv, dynamic=False)
     print("| shape | bf16 cuDNN | 8-bit kernel | + K/V quantisation (compiled) | speed-up |")
     print("|---|---|---|---|---|")
     sweep_rows = []

@@ -175,7 +175,8 @@ def compare(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
 def isolated(args: argparse.Namespace, policy: str, size: int) -> dict:
     """One policy at one size in a fresh Python process: `run`'s result, its image included. A process shares
     compile state between policies: run after `ours`, upstream's whole-network compile took 0.564-0.586 s per 2K
-    image in three runs, and 0.473 s run first (H100, BENCHMARKS.md), so no two policies share one any more."""
+    image in three runs, and 0.473 s run first (H100, docs/performance.md#how-we-measure), so no two policies share
+    one any more."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.pt"
         command = [sys.executable, __file__, "--entry", args.entry, "--sizes", str(size), "--batch", str(args.batch),

@@ -41,6 +41,7 @@ def check_attention8(dev: torch.device) -> float:
     including batch > 1, query count ≠ key count and key counts that are not whole blocks."""
     import torch.nn.functional as F
 
+    from pid_cli.kernels import reference
     from pid_cli.model import attention8
 
     print("\n| 8-bit attention shape (B, Nq, Nk, heads, D) | reference vs fp32 | kernel vs fp32 |")
@@ -54,7 +55,7 @@ def check_attention8(dev: torch.device) -> float:
         exact = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         exact = exact.transpose(1, 2).cpu()
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        r_ref, r_kernel = rel(attention8.reference_attention(q, k, v), exact), rel(attention8.attention(q, k, v), exact)
+        r_ref, r_kernel = rel(reference.attention8(q, k, v), exact), rel(attention8.attention(q, k, v), exact)
         print(f"| {(b, nq, nk, heads, d)} | {r_ref:.2e} | {r_kernel:.2e} |", flush=True)
         if not (r_ref < 0.06 and r_kernel < 1.15 * r_ref + 1e-3):
             failed = 1.0
@@ -63,7 +64,7 @@ def check_attention8(dev: torch.device) -> float:
 
 def check_linear8(dev: torch.device) -> float:
     """`--matmul fp8` on the GPU (cuBLAS) must compute what the CPU (the tests' reference) does with the same
-    quantised operands, and cost what BENCHMARKS.md says against the fp32 product."""
+    quantised operands, and cost what docs/performance.md#speed-modes says against the fp32 product."""
     from pid_cli.model import linear8
 
     print("\n| FP8 linear shape (M, K, N) | GPU vs CPU same operands | vs fp32 product |")

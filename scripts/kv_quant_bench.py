@@ -1,9 +1,9 @@
-"""`kv_quant_kernel` (the Triton K/V quantisation behind `--attention 8bit`) against the torch ops it replaces.
+"""`kernels/kv_quant.py` (the Triton K/V quantisation behind `--attention 8bit`) against the torch ops it replaces.
 
     python scripts/kv_quant_bench.py            # on a GPU: agreement, then µs per call beside Inductor's kernels
     python scripts/kv_quant_bench.py --cpu      # Triton's interpreter on the CPU: agreement, small shapes
 
-On the GPU the kernels are timed against `attention8.quantize_kv` of the concatenated parts under
+On the GPU the kernels are timed against `reference.quantize_kv` of the concatenated parts under
 torch.compile (what the network ran before them), plainly and replayed from CUDA graphs (the GPU's time without
 Python's launch overhead, which inside a decode hides behind the GPU's work). The interpreter's float → e4m3
 conversion does not round to nearest even (Hopper's does), so the CPU check allows V8 one e4m3 step off, and K8
@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch import Tensor
 
-from pid_cli.model import attention8, kv_quant_kernel
+from pid_cli.kernels import kv_quant as kv_quant_kernel
+from pid_cli.kernels import reference as torch_reference
 
 
 def quantize_kv(k_parts: list[Tensor], v_parts: list[Tensor]) -> tuple[Tensor, ...]:
@@ -74,9 +75,9 @@ def cpu_check() -> None:
     # the last shape has more than PARTS chunks: the reduce kernel's loop runs twice
     for shape in [(2, 77, 1000, 3, 64), (1, 0, 333, 2, 72), (1, 5, 300, 2, 96), (1, 7, 33000, 1, 64)]:
         ks, vs = projections(*shape, "cpu", gen)
-        ours, theirs = quantize_kv(ks, vs), attention8.quantize_kv(torch.cat(ks, 1), torch.cat(vs, 1))
+        ours, theirs = quantize_kv(ks, vs), torch_reference.quantize_kv(torch.cat(ks, 1), torch.cat(vs, 1))
         assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(ours, theirs, strict=True))
-        v8, v8_ref = (attention8.mma_key_order(t.float(), inverse=True) for t in (ours[2], theirs[2]))
+        v8, v8_ref = (torch_reference.mma_key_order(t.float(), inverse=True) for t in (ours[2], theirs[2]))
         step = 2.0 ** (torch.floor(torch.log2(v8_ref.abs().clamp_min(2**-6))) - 3)  # e4m3's spacing
         binade_edge = (v8 == v8_ref / 2) & (torch.log2(v8_ref.abs()) % 1 == 0)  # the interpreter's round-up slip
         k_off = (ours[0].int() - theirs[0].int()).abs()
@@ -107,7 +108,7 @@ def main() -> None:
     from attention8_bench import timed
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    reference = torch.compile(lambda ks, vs: attention8.quantize_kv(torch.cat(ks, 1), torch.cat(vs, 1)),
+    reference = torch.compile(lambda ks, vs: torch_reference.quantize_kv(torch.cat(ks, 1), torch.cat(vs, 1)),
                               dynamic=False)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| shape (B, text, image, heads, D) | Inductor µs | these kernels µs | in CUDA graphs: Inductor / these µs "

@@ -26,7 +26,7 @@ process (or by one that was then killed before it could log it), every bad input
 no temporary file is left. Any violation stops the soak with exit status 1.
 
 The child process (`soak.py child ...`) installs the fault hooks in-process (wrapping pid_cli.outputs' `os`,
-runner.write_atomic and Decoder.decode_tensor) and then runs the ordinary CLI; production code has no hooks.
+decode.session.write_atomic and Decoder.decode_tensor) and then runs the ordinary CLI; production code has no hooks.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ def child(argv: list[str]) -> int:
 
     import torch
 
-    from pid_cli import outputs, runner
+    from pid_cli import outputs
     from pid_cli.cli import app
+    from pid_cli.decode import session
     from pid_cli.pipeline import Decoder
 
     log_fd = os.open(opts.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -97,13 +98,13 @@ def child(argv: list[str]) -> int:
             return os.fsync(fd)
 
     outputs.os = FullDisk()
-    write_atomic = runner.write_atomic
+    write_atomic = session.write_atomic
 
     def logged_write(path, data, overwrite=False, root=None):
         write_atomic(path, data, overwrite, root)
         log("linked", path=os.fsencode(path).hex())  # hex: names may hold undecodable bytes
 
-    runner.write_atomic = logged_write
+    session.write_atomic = logged_write
     decode = Decoder.decode_tensor
 
     def small_gpu(self, latents, *a, **kw):

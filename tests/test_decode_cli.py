@@ -248,10 +248,11 @@ def test_non_finite_pixels_fail_their_item_only(setup, monkeypatch):
 def test_a_slow_disk_holds_the_decode_back(setup, monkeypatch):
     """Decoded images waiting for a writer hold (pinned) host memory: at most 2 per writer thread wait, plus
     the one the decode thread is handing over, however far the writers fall behind."""
-    from pid_cli import pipeline, runner
+    from pid_cli import pipeline
+    from pid_cli.decode import session
 
     counts = {"decoded": 0, "written": 0, "most_waiting": 0}
-    decode_tensor, encode_png = pipeline.Decoder.decode_tensor, runner.encode_png
+    decode_tensor, encode_png = pipeline.Decoder.decode_tensor, session.encode_png
 
     def decode(*args, **kwargs):
         images = decode_tensor(*args, **kwargs)
@@ -265,8 +266,8 @@ def test_a_slow_disk_holds_the_decode_back(setup, monkeypatch):
         return encode_png(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.Decoder, "decode_tensor", decode)
-    monkeypatch.setattr(runner, "encode_png", slow_encode)
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)  # 2 writer threads
+    monkeypatch.setattr(session, "encode_png", slow_encode)
+    monkeypatch.setattr(session.os, "cpu_count", lambda: 2)  # 2 writer threads
     s = setup
     for i in range(14):
         save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / f"{i:02d}.safetensors")
@@ -317,5 +318,6 @@ def test_fp8_matmuls_decode_and_are_recorded(setup, monkeypatch):
     assert "pid:matmul" not in Image.open(s["out"] / "a.png").info
     diff = np.abs(_pixels(out / "a.png").astype(int) - reference)
     # rounded differently, the same image (this 16-channel network's matmuls are few elements deep, so
-    # rounding averages out less than at full size, where a decode stays within 1 level: BENCHMARKS.md)
+    # rounding averages out less than at full size, where a decode stays within 1 level:
+    # docs/performance.md#speed-modes)
     assert diff.max() > 0 and diff.mean() < 3 and np.percentile(diff, 99) < 16

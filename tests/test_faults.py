@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from test_fuzz import code_pickle_pt, hostile_latents, torch_zip_bytes
 from typer.testing import CliRunner
 
-from pid_cli import hub, outputs, runner
+from pid_cli import hub, outputs
 from pid_cli.cli import app
+from pid_cli.decode import plan, session
 from pid_cli.latents import LatentError, read_latent_file
 from pid_cli.model.weights import WeightsError, read_state_dict
 from pid_cli.pipeline import Decoder
@@ -185,8 +186,8 @@ def test_read_only_output_folder_is_refused_before_any_gpu_work(tiny, monkeypatc
     def no_decoder(*a, **kw):
         raise AssertionError("work started for a run that cannot write its outputs")
 
-    monkeypatch.setattr(runner, "Decoder", no_decoder)
-    monkeypatch.setattr(runner, "read_latent_file", no_decoder)  # not even the inputs are read
+    monkeypatch.setattr(session, "Decoder", no_decoder)
+    monkeypatch.setattr(plan, "read_latent_file", no_decoder)  # not even the inputs are read
     monkeypatch.setattr(hub, "ensure_files", no_decoder)  # nor the checkpoint fetched
     try:
         result, _ = run_cli(args(tiny, "--json"))
@@ -369,7 +370,7 @@ def test_manifest_outputs_cannot_escape_the_output_folder(tiny):
 
 def test_interrupt_during_the_prepass_still_writes_one_record_per_input(tiny, monkeypatch):
     latents(tiny, 6)
-    probe = runner.probe_input
+    probe = session.probe_input
 
     def interrupted(job, spec):
         if spec.path.name == "00.safetensors":
@@ -377,7 +378,7 @@ def test_interrupt_during_the_prepass_still_writes_one_record_per_input(tiny, mo
             time.sleep(0.2)
         return probe(job, spec)
 
-    monkeypatch.setattr(runner, "probe_input", interrupted)
+    monkeypatch.setattr(session, "probe_input", interrupted)
     result, records = run_cli(args(tiny, "--json"))
     assert result.exit_code == 130 and len(records) == 6 and len(by_input(records)) == 6
     assert all(r["status"] == "failed" and "stopped early" in r["error"] for r in records)
@@ -483,7 +484,7 @@ def test_cleaning_partials_spares_files_being_written_and_removes_abandoned_ones
 def test_no_code_path_unpickles_arbitrary_objects():
     """Every torch.load passes weights_only=True, np.load allow_pickle=False; no pickle/yaml.load at all."""
     found = []
-    for path in sorted(Path(runner.__file__).parent.rglob("*.py")):
+    for path in sorted(Path(hub.__file__).parent.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue

@@ -23,8 +23,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pid_cli import outputs, runner
+from pid_cli import outputs
 from pid_cli.cli import app
+from pid_cli.decode import plan, session
 from pid_cli.inputs import InputError, collect_inputs, shard_from_env, take_shard
 from pid_cli.latents import MAX_LATENT_BYTES, LatentError, read_latent_file
 from pid_cli.text import save_prompt_embeds
@@ -83,7 +84,7 @@ def test_two_spellings_of_one_output_are_refused_not_both_recorded_ok(tiny):
 
 
 def test_on_a_case_insensitive_file_system_a_png_and_A_png_are_one_file(tiny, monkeypatch):
-    monkeypatch.setattr(runner, "ignores_case", lambda folder: True)  # what macOS and Windows file systems do
+    monkeypatch.setattr(session, "ignores_case", lambda folder: True)  # what macOS and Windows file systems do
     _latent(tiny, "a.safetensors", 1)
     _latent(tiny, "b.safetensors", 2)
     result, records = _decode(tiny, _manifest(tiny, [{"input": "in/a.safetensors", "output": "Cat.png"},
@@ -295,7 +296,7 @@ def test_a_subfolder_swapped_for_a_symlink_mid_run_never_sends_a_png_outside(tin
     _latent(tiny, "a.safetensors")
     outside = tiny["root"] / "outside"
     outside.mkdir()
-    fetch = runner._Session.fetch_files
+    fetch = session.Session.fetch_files
 
     def swap_then_fetch(session):  # after the prepass checked the path, before anything is written
         (tiny["out"] / "sub").rmdir()
@@ -303,7 +304,7 @@ def test_a_subfolder_swapped_for_a_symlink_mid_run_never_sends_a_png_outside(tin
         return fetch(session)
 
     (tiny["out"] / "sub").mkdir(parents=True)
-    monkeypatch.setattr(runner._Session, "fetch_files", swap_then_fetch)
+    monkeypatch.setattr(session.Session, "fetch_files", swap_then_fetch)
     result, records = _decode(tiny, extra=("--name", "sub/{stem}.png"))
     assert result.exit_code == 1 and records[0]["status"] == "failed"
     assert "'sub'" in records[0]["error"] and "is a symlink or not a folder" in records[0]["error"]
@@ -327,7 +328,7 @@ def test_cleaning_leaves_other_programs_hidden_files_alone(tmp_path):
 def test_an_input_that_vanishes_or_changes_mid_run_fails_alone(tiny, monkeypatch, change):
     for i in range(3):
         _latent(tiny, f"{i}.safetensors", i)
-    fetch = runner._Session.fetch_files
+    fetch = session.Session.fetch_files
 
     def change_then_fetch(session):
         victim = tiny["in"] / "1.safetensors"
@@ -337,7 +338,7 @@ def test_an_input_that_vanishes_or_changes_mid_run_fails_alone(tiny, monkeypatch
             save_file({"latent": torch.randn(1, 16, 4, 4)}, victim)
         return fetch(session)
 
-    monkeypatch.setattr(runner._Session, "fetch_files", change_then_fetch)
+    monkeypatch.setattr(session.Session, "fetch_files", change_then_fetch)
     result, records = _decode(tiny, extra=("--batch-size", "3"))
     status = {Path(r["input"]).name: r for r in records}
     assert result.exit_code == 1 and status["1.safetensors"]["status"] == "failed"
@@ -348,7 +349,7 @@ def test_an_input_that_vanishes_or_changes_mid_run_fails_alone(tiny, monkeypatch
 def test_output_names_up_to_the_file_systems_limit_work_and_longer_ones_fail_before_decoding(tiny, monkeypatch):
     _latent(tiny, "a.safetensors")
     decoded = []
-    monkeypatch.setattr(runner._Session, "decode_all", lambda s: decoded.append(len(s.items)) or None)
+    monkeypatch.setattr(session.Session, "decode_all", lambda s: decoded.append(len(s.items)) or None)
     result, records = _decode(tiny, _manifest(tiny, [{"input": "in/a.safetensors", "output": "n" * 251 + ".png"}]))
     assert decoded == [1]  # 255 bytes, the most a name may have here: planned
     result, records = _decode(tiny, _manifest(tiny, [{"input": "in/a.safetensors", "output": "n" * 252 + ".png"}]))
@@ -369,14 +370,14 @@ def test_records_are_never_appended_to_an_input(tiny):
 def test_a_signal_in_the_first_moment_still_leaves_a_record_per_input(tiny, monkeypatch):
     for i in range(3):
         _latent(tiny, f"{i}.safetensors", i)
-    collect = runner.collect_job_inputs
+    collect = session.collect_job_inputs
 
     def interrupted_while_collecting(job):
         os.kill(os.getpid(), signal.SIGINT)  # the handler is already in place: it asks the run to stop
         time.sleep(0.05)
         return collect(job)
 
-    monkeypatch.setattr(runner, "collect_job_inputs", interrupted_while_collecting)
+    monkeypatch.setattr(session, "collect_job_inputs", interrupted_while_collecting)
     records_file = tiny["root"] / "records.jsonl"
     result, _ = _decode(tiny, extra=("--manifest-out", str(records_file)))
     assert result.exit_code == 130
@@ -394,9 +395,9 @@ def test_a_nan_sigma_in_metadata_names_the_file(tiny):
 def test_the_prepass_holds_no_more_than_its_memory_budget_at_once(tiny, monkeypatch):
     for i in range(6):
         _latent(tiny, f"{i}.safetensors", i)
-    cost = runner.probe_cost(runner.InputSpec(tiny["in"] / "0.safetensors"))
-    monkeypatch.setattr(runner, "PREPASS_MEMORY", 2 * cost + cost // 2)  # room for two inputs at a time
-    probe, active, peak = runner.probe_input, [0], [0]
+    cost = plan.probe_cost(plan.InputSpec(tiny["in"] / "0.safetensors"))
+    monkeypatch.setattr(session, "PREPASS_MEMORY", 2 * cost + cost // 2)  # room for two inputs at a time
+    probe, active, peak = session.probe_input, [0], [0]
     lock = threading.Lock()
 
     def counted(job, spec):
@@ -410,7 +411,7 @@ def test_the_prepass_holds_no_more_than_its_memory_budget_at_once(tiny, monkeypa
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(runner, "probe_input", counted)
+    monkeypatch.setattr(session, "probe_input", counted)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)  # eight prepass threads, as on a farm node
     result, records = _decode(tiny)
     assert result.exit_code == 0 and len(records) == 6 and peak[0] == 2

@@ -103,8 +103,8 @@ def test_bf16_policy_stays_close_to_fp32_reference(variant):
 
 
 def test_step_predicts_x0_in_float64_then_renoises_in_float32():
-    """Upstream's step arithmetic (spec §4): x0 = x − t·v in float64 from the float32 timestep, rounded to float32;
-    re-noising (1 − t')·x0 + t'·ε in float32; the last step returns x0 itself."""
+    """Upstream's step arithmetic (docs/model.md#sampler): x0 = x − t·v in float64 from the float32 timestep, rounded
+    to float32; re-noising (1 − t')·x0 + t'·ε in float32; the last step returns x0 itself."""
     g = torch.Generator().manual_seed(0)
     x, v, eps = (torch.randn(2, 3, 16, 16, generator=g) for _ in range(3))
     t_cur, t_next = (torch.tensor(t, dtype=torch.float32) for t in (0.866, 0.634))

@@ -23,7 +23,8 @@ from pid_cli.cli import app
 from pid_cli.images import preprocess, resize_lanczos, to_tensor
 from pid_cli.inputs import InputError, parse_sigmas
 from pid_cli.pipeline import Decoder, to_uint
-from pid_cli.text import save_prompt_embeds
+from pid_cli.registry import load_registry
+from pid_cli.text import load_prompt_embeds, save_prompt_embeds
 from pid_cli.vae import build_codec, load_codec
 
 TINY_KL = {"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4}
@@ -226,3 +227,24 @@ def test_options_that_do_not_apply_to_an_input_fail_it_with_a_reason(tiny):
         assert why in status[refused]["error"] and refused in status[refused]["error"]
         other = "photo.png" if refused == "lat.safetensors" else "lat.safetensors"
         assert status[other]["status"] == "ok", (flag, status[other])
+
+
+# ---- the library reads σ as the CLI does --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tiny", ["sdxl"], indirect=True)
+def test_library_decode_takes_a_stored_latents_sigma_as_the_cli_does(tiny):
+    """SDXL's stored x_t come with an Euler σ, which the student sees in its variance-preserving frame; the
+    conversion lives in the Decoder, so `Decoder.decode` and `pid decode` give one image for one latent and σ."""
+    latent = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(3)) * 1.6  # an x_t at Euler σ 1.25
+    save_file({"x": latent}, tiny["in"] / "xt.safetensors")
+    (tiny["in"] / "photo.png").unlink()
+    result, records = _decode(tiny, "--degrade-sigma", "1.25", "--seed", "4")
+    assert result.exit_code == 0 and records[0]["sigmas"] == [1.25], result.output
+    entry = load_registry([tiny["root"] / "registry.yaml"]).resolve("sdxl", "tiny")
+    text = load_prompt_embeds(tiny["root"] / "emb.safetensors", model_max_length=12)[""]
+    with Decoder(entry, entry.weights.path, device="cpu") as decoder:
+        ours = decoder.decode(latent, prompt_embeds=text[None], degrade_sigma=1.25, seed=4)[0]
+        unconverted = to_uint(decoder.decode_tensor(latent[None], text[None], 1.25, 4))[0]
+    assert np.array_equal(ours, _pixels(tiny["out"] / "xt.png"))
+    assert not np.array_equal(unconverted, ours)  # the frame matters: σ 1.25 is not the student's σ

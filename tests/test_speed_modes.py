@@ -20,12 +20,14 @@ import yaml
 from conftest import tiny_config, tiny_flux_entry
 
 from pid_cli import pipeline
+from pid_cli.decode import DecodeJob
+from pid_cli.decode.plan import COMPILE_MIN_MEGAPIXELS, Item, auto_batch_size, compile_for, plan_batches
+from pid_cli.kernels import constants, reference
 from pid_cli.model import PiDNet, attention8, layers, linear8
 from pid_cli.model.linear8 import Fp8Linear
 from pid_cli.model.net import FP8_LINEARS
 from pid_cli.pipeline import CompileGate
 from pid_cli.registry import load_registry
-from pid_cli.runner import COMPILE_MIN_MEGAPIXELS, DecodeJob, Item, auto_batch_size, compile_for, plan_batches
 
 
 def pid_like(n: int, heads: int, d: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -49,9 +51,9 @@ def test_8bit_reference_stays_near_exact_attention(d, nq, nk, logit_scale):
     q, k = pid_like(nq, 3, d, gen, logit_scale), pid_like(nk, 3, d, gen)
     v = torch.randn(2, nk, 3, d, generator=gen)
     truth = exact(q, k, v)
-    error = rel(attention8.reference_attention(q, k, v), truth)
+    error = rel(reference.attention8(q, k, v), truth)
     bf16 = rel(exact(q.bfloat16(), k.bfloat16(), v.bfloat16()), truth)
-    assert 1e-3 < error < 0.05  # quantised (not exact), within what BENCHMARKS.md reports
+    assert 1e-3 < error < 0.05  # quantised (not exact), within what docs/performance.md#speed-modes reports
     assert error > 3 * bf16  # the price of the mode is real and is why it is opt-in
 
 
@@ -61,16 +63,16 @@ def test_shared_key_offset_costs_no_precision():
     q, k = pid_like(200, 2, 64, gen, 2.0), pid_like(300, 2, 64, gen)
     v = torch.randn(2, 300, 2, 64, generator=gen)
     offset = 20 * torch.randn(64, generator=gen)  # softmax ignores it, an INT8 scale would not
-    base = rel(attention8.reference_attention(q, k, v), exact(q, k, v))
-    shifted = rel(attention8.reference_attention(q, k + offset, v), exact(q, k + offset, v))
+    base = rel(reference.attention8(q, k, v), exact(q, k, v))
+    shifted = rel(reference.attention8(q, k + offset, v), exact(q, k + offset, v))
     assert shifted < 1.2 * base
 
 
 def test_quantize_kv_layout_padding_and_scales():
     gen = torch.Generator().manual_seed(2)
     k, v = torch.randn(1, 300, 2, 72, generator=gen), torch.randn(1, 300, 2, 72, generator=gen) * 5
-    k8, k_scale, v8, v_scale = attention8.quantize_kv(k, v)
-    v8 = attention8.mma_key_order(v8.float(), inverse=True).to(v8.dtype)  # keys in their natural order
+    k8, k_scale, v8, v_scale = reference.quantize_kv(k, v)
+    v8 = reference.mma_key_order(v8.float(), inverse=True).to(v8.dtype)  # keys in their natural order
     assert k8.dtype == torch.int8 and tuple(k8.shape) == (1, 2, 384, 96)  # 300 keys → 3 blocks of 128; 72 → 64 + 32
     assert v8.dtype == torch.float8_e4m3fn and tuple(v8.shape) == (1, 2, 80, 384)  # transposed; 72 + ones → 64 + 16
     assert tuple(k_scale.shape) == (1, 2, 3) and tuple(v_scale.shape) == (1, 2, 72)
@@ -92,7 +94,7 @@ def test_mma_key_order_keeps_every_p_value_in_the_thread_that_computed_it():
     # of lane % 4 == c the keys 8j + 2c + b; the FP8 A operand of P·V takes from it keys 16h + 4c + e, in
     # registers of 4 consecutive keys. The relabelling must map the first set onto the second, and each
     # accumulator pair (b = 0, 1) onto neighbours within one register.
-    relabelled = attention8.mma_key_order(torch.arange(64)).tolist()  # position k holds the key moved there
+    relabelled = reference.mma_key_order(torch.arange(64)).tolist()  # position k holds the key moved there
     position = {key: k for k, key in enumerate(relabelled)}
     for group in (0, 32):
         for c in range(4):
@@ -102,14 +104,14 @@ def test_mma_key_order_keeps_every_p_value_in_the_thread_that_computed_it():
             for pair in zip(computed[::2], computed[1::2], strict=True):
                 assert position[pair[1]] == position[pair[0]] + 1 and position[pair[0]] % 2 == 0
     keys = torch.randn(2, 3, 128)
-    assert torch.equal(attention8.mma_key_order(attention8.mma_key_order(keys), inverse=True), keys)
-    assert not torch.equal(attention8.mma_key_order(keys), keys)
+    assert torch.equal(reference.mma_key_order(reference.mma_key_order(keys), inverse=True), keys)
+    assert not torch.equal(reference.mma_key_order(keys), keys)
 
 
 def test_head_dim_split():
-    assert attention8.split_widths(64) == (0, 16)  # V gets its ones channel in a 16-wide remainder
-    assert attention8.split_widths(72) == (32, 16)
-    assert attention8.split_widths(96) == (32, 64)
+    assert constants.split_widths(64) == (0, 16)  # V gets its ones channel in a 16-wide remainder
+    assert constants.split_widths(72) == (32, 16)
+    assert constants.split_widths(96) == (32, 64)
     assert [d for d in range(32, 130) if attention8.supported(d)] == list(range(64, 97))
 
 
@@ -154,7 +156,7 @@ def test_fp8_linear_is_the_scaled_product_and_costs_a_few_percent():
     assert torch.allclose(out.view(96, 80).float(), dequantized, rtol=1e-2, atol=1e-2)  # bf16 rounding only
     exact = x.double() @ w.double().T + bias.double()
     error = rel(out.view(96, 80), exact)
-    assert 5e-3 < error < 6e-2  # quantised (e4m3 per-row: ~3.7%), not exact; BENCHMARKS.md reports it
+    assert 5e-3 < error < 6e-2  # quantised (e4m3 per-row: ~3.7%), not exact; docs/performance.md#speed-modes reports it
     assert error > 5 * rel(F.linear(x, w, bias), exact)
 
 
@@ -395,8 +397,8 @@ def test_8bit_mode_runs_every_attention_of_the_network_through_the_quantised_pat
     with torch.inference_mode():
         exact_out = net(x, t, y, lq, sigma)
     calls = []
-    quantized = attention8.attend_quantized
-    monkeypatch.setattr(attention8, "attend_quantized", lambda *a: calls.append(a[0].shape[-1]) or quantized(*a))
+    quantized = reference.attend_quantized
+    monkeypatch.setattr(reference, "attend_quantized", lambda *a: calls.append(a[0].shape[-1]) or quantized(*a))
     for module in net.modules():
         if hasattr(module, "attention_mode"):
             module.attention_mode = "8bit"  # set_attention refuses the CPU, where this path is only a reference
@@ -466,7 +468,8 @@ def test_compiled_blocks_hold_rows_up_to_4096_wide_in_registers_and_only_while_t
 def test_compiled_blocks_pick_reduction_configurations_by_rule(monkeypatch):
     """model/inductor.py: Inductor's deterministic mode for every function pid compiles, so a decode's pixels do not
     depend on which configuration won a timing race in the process that compiled it (on an H200, two cold
-    processes wrote 2K images one level apart without it, BENCHMARKS.md). The caller's own options are kept."""
+    processes wrote 2K images one level apart without it, docs/performance.md#reproducibility). The caller's own
+    options are kept."""
     import torch._inductor.config as inductor_config
 
     from pid_cli.model import inductor
@@ -581,7 +584,7 @@ def test_quantize_kv_op_reads_the_parts_as_their_concatenation(n_text, n_image, 
     k, v = (torch.randn(2, n_text + n_image, 3, d, generator=gen).bfloat16() for _ in range(2))
     parts = (k[:, :n_text], k[:, n_text:], v[:, :n_text], v[:, n_text:])
     packed = torch.ops.pid.quantize_kv8(*parts)
-    for got, expected in zip(packed, attention8.quantize_kv(k, v), strict=True):
+    for got, expected in zip(packed, reference.quantize_kv(k, v), strict=True):
         assert torch.equal(got.float(), expected.float())
     fake = torch.ops.pid.quantize_kv8(*(t.to("meta") for t in parts))
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in packed]

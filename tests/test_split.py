@@ -25,12 +25,13 @@ from PIL import Image
 from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
 from test_workers import _alive, _all_gone, _children, _wait_for_pngs
 
-from pid_cli import pipeline, runner
+from pid_cli import pipeline
+from pid_cli.decode import DecodeJob
+from pid_cli.decode import job as decode_job
+from pid_cli.decode.workers import worker_jobs
 from pid_cli.model import PiDNet, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.registry import load_registry
-from pid_cli.runner import DecodeJob
-from pid_cli.workers import worker_jobs
 
 DIE_MARKER = "PID_TEST_HELPER_DIES_IF"  # a file: the helper that finds it deletes it and exits mid-decode
 
@@ -172,9 +173,9 @@ def test_one_images_gpus_must_be_distinct():
     job = DecodeJob(inputs=[], out=Path("out"), entry=types.SimpleNamespace(net_config={}), weights=None,
                     devices=gpus, gpus_per_image=2)
     with pytest.raises(ValueError, match=r"distinct GPUs, got cuda:2, cuda:2$"):
-        runner._check_gpus_per_image(job)
-    runner._check_gpus_per_image(replace(job, devices=[gpus[i] for i in (0, 1, 2, 1)]))  # two pairs, each distinct
-    runner._check_gpus_per_image(replace(job, devices=[torch.device("cpu")] * 2))  # CPU ranks share the CPU
+        decode_job._check_gpus_per_image(job)
+    decode_job._check_gpus_per_image(replace(job, devices=[gpus[i] for i in (0, 1, 2, 1)]))  # two pairs, each distinct
+    decode_job._check_gpus_per_image(replace(job, devices=[torch.device("cpu")] * 2))  # CPU ranks share the CPU
 
 
 @pytest.mark.parametrize(("devices", "n", "message"), [

@@ -1,4 +1,5 @@
-"""Text conditioning (spec §6): CHI prefix, token selection, Gemma-2 without soft-cap, cache, export.
+"""Text conditioning (docs/model.md#text-conditioning): CHI prefix, token selection, Gemma-2 without soft-cap,
+cache, export.
 
 Uses the tiny random Gemma-2 fixture (vocab 512, hidden 64) and a BPE tokenizer trained in memory;
 nothing is downloaded.
@@ -39,7 +40,7 @@ from pid_cli.text import (
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma2_text"
 TINY_GEMMA = FIXTURE / "tiny_gemma2"
-# sha256 of the prefix text in spec §6.2 (8 lines, "\n"-joined, ending in "User Prompt: ").
+# sha256 of upstream's prefix text (8 lines, "\n"-joined, ending in "User Prompt: ").
 CHI_SHA256 = "62b9ab89eebb0ac5ee4d264bf96bf19d2b81f504bc3852500efeaf5a34d638b1"
 M = 300
 LONG = " ".join(["a red fox jumps over the lazy dog in the snow"] * 60)  # ≫ 299 tokens

@@ -1,8 +1,8 @@
-"""Image encoders: strict, lossless key conversion and the spec §7.3 encode → normalise formulas.
+"""Image encoders: strict, lossless key conversion and the encode → normalise formulas (docs/model.md#image-encoders).
 
 Every VAE here is a tiny random network built from the shipped config with shrunk widths; the
 BFL-layout files are written with an inverse mapping written independently of the loader (from
-the renaming rules of spec §7.3), so a round trip checks the loader against the spec, not itself.
+the renaming rules of upstream's SD3 loader), so a round trip checks the loader against those rules, not itself.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def state_of(codec) -> dict[str, torch.Tensor]:
 
 
 def to_bfl(state: dict[str, torch.Tensor], flux2: bool = False, levels: int = 4) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL(-Flux2) names → BFL/LDM names (spec §7.3's renaming, inverted)."""
+    """diffusers AutoencoderKL(-Flux2) names → BFL/LDM names (upstream's SD3 renaming, inverted)."""
     out = {}
     for key, value in state.items():
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
@@ -184,7 +184,7 @@ def test_unreadable_weight_files(tmp_path):
         load_codec("flux1", tmp_path / "absent.safetensors")
 
 
-# ---- encode → normalise (spec §7.3) ------------------------------------------------------------------
+# ---- encode → normalise (docs/model.md#latent-conventions) -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["flux1", "sd3", "sdxl"])

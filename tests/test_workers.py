@@ -1,4 +1,4 @@
-"""`pid decode --devices A,B`: one worker process per device (pid_cli/workers.py), run here on CPU devices.
+"""`pid decode --devices A,B`: one worker process per device (pid_cli/decode/workers.py), run here on CPU devices.
 The parent alone writes records and exits with the run's code; workers' images are those of a one-device
 run; a killed worker's inputs and a Ctrl-C still leave one record per input."""
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
 
+from pid_cli.decode import DecodeJob
+from pid_cli.decode.workers import worker_jobs
 from pid_cli.inputs import collect_inputs, take_shard
-from pid_cli.runner import DecodeJob
-from pid_cli.workers import worker_jobs
 
 
 def test_workers_split_the_runs_own_shard_round_robin(tmp_path):

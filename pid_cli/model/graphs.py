@@ -2,7 +2,7 @@
 
 Why: a 2K decode is ~2,600 kernel launches. Between two kernels the GPU idles ~2 µs while the next one is
 queued, and at a few points (the latent gates, the start of the per-pixel stage) the host falls behind the GPU
-outright: ~9 ms of idle GPU in an H100 trace of a 317 ms decode. A CUDA graph of the whole velocity evaluation
+outright (traces and timings: docs/performance.md#machinery). A CUDA graph of the whole velocity evaluation
 is one launch. Shapes are static per output size, so one graph per input signature serves every step of every
 later decode of that size; the step's inputs are copied into the graph's own tensors before each replay.
 

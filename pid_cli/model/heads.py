@@ -1,10 +1,10 @@
 """Attention heads split across devices: one image decoded on several GPUs, for latency.
 
-Why heads: attention is ~85% of a 4K decode's GPU time (BENCHMARKS.md) and its heads are independent. Each
-device keeps its share of every attention's heads (the rows of the q/k/v projection that make them) and
-computes everything else whole; one all-gather after each attention puts the heads back together. Every
-device then holds the same tensors from the same inputs, so nothing else is exchanged. The process group
-and the helper processes are `split.py`'s.
+Why heads: attention is most of a 4K decode's GPU time (docs/performance.md#where-the-time-goes) and its heads
+are independent. Each device keeps its share of every attention's heads (the rows of the q/k/v projection that
+make them) and computes everything else whole; one all-gather after each attention puts the heads back together.
+Every device then holds the same tensors from the same inputs, so nothing else is exchanged. The process group and
+the helper processes are `split.py`'s.
 """
 
 from __future__ import annotations

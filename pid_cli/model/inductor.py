@@ -4,7 +4,7 @@ every reduction kernel's configuration picked by rule rather than by timing.
 Why: Inductor keeps a row in registers (a "persistent" reduction) only up to 1024 values; a wider row is read
 twice, once for its statistic and once to apply it. The network's row reductions are all wider: RMSNorm over
 1536 channels and, with `--matmul fp8`, the per-token FP8 scales over 1536 and 4096 values, most of its glue.
-Read once, a 2K decode with both 8-bit modes is 1.5% faster (H100, BENCHMARKS.md), one without them unchanged.
+Read once, a decode with both 8-bit modes is faster, one without them unchanged (docs/performance.md#machinery).
 Inductor has no setting for the limit; its extension point is a choices handler, installed here only while our
 compiled functions run (Inductor compiles in the calling thread) and only for that thread, so other compiled
 code in the process keeps Inductor's defaults. A torch without that hook compiles with the defaults. Inductor's
@@ -14,8 +14,8 @@ that cache is cleared.
 Why by rule: Inductor times several configurations of a reduction kernel the first time it runs and keeps the
 fastest, and they sum in different orders. Two processes with cold caches (a farm's other node, a rerun after the
 cache was cleared) then wrote 2K images one 8-bit level apart; in Inductor's deterministic mode, which picks by
-rule, they were identical, and no slower at 2K or 4K (H200, BENCHMARKS.md). A torch without that mode keeps the
-timing.
+rule, they were identical, and no slower at 2K or 4K (docs/performance.md#reproducibility). A torch without that
+mode keeps the timing.
 """
 
 from __future__ import annotations

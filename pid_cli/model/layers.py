@@ -4,7 +4,7 @@ Dtype policy (see `PiDNet.to_inference_dtype`): every Linear/Conv casts its inpu
 own weight dtype, and attention runs in the dtype of its values. With fp32 weights the whole
 network is fp32. With bf16 matmul weights and fp32 norm weights, the same code reproduces
 the dtype flow upstream gets from `torch.autocast(bfloat16)` over fp32 master weights
-(spec §5): matmuls, attention and the `gate * branch` products in bf16, residual streams,
+(docs/model.md#precision): matmuls, attention and the `gate * branch` products in bf16, residual streams,
 norms, RoPE and gates in fp32.
 """
 
@@ -16,6 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
+from pid_cli.model import attention8
 
 # Our GPU kernels and torch.compile's GPU code are Triton. torch's CUDA wheels for Linux bring it; other builds
 # (Windows) may not, and there a GPU decodes with the torch ops instead. A constant, so compiled code reads it freely.
@@ -45,7 +48,8 @@ class GroupNorm(nn.GroupNorm):
     """GroupNorm computed in fp32 (autocast's rule for group_norm); returns fp32.
 
     The statistics go through a plain reduction instead of `F.group_norm`: with 4 groups the
-    fused CUDA kernel runs one thread block per group and took 13% of upstream's 2K decode.
+    fused CUDA kernel runs one thread block per group and took a large share of upstream's decode
+    (docs/performance.md#machinery).
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -76,7 +80,7 @@ def narrow_linear(linear: nn.Linear, x: Tensor) -> Tensor:
     """`linear(x)` for a Linear with a handful of inputs or outputs (the 3-channel pixel embedding and output
     layer), as products and sums in fp32 from the operands rounded to the weight dtype, the result rounded to
     it as the Linear's would be. Why: cuBLAS runs these shapes as misaligned GEMMs far below memory bandwidth
-    (~230 µs per 2M pixels on an H100, where one pass over them takes ~50); written elementwise, torch.compile
+    (docs/performance.md#machinery); written elementwise, torch.compile
     fuses them with the norm or position embedding beside them. The loop runs over the narrow side, so eager
     mode allocates nothing larger than the input or output."""
     weight = linear.weight.float()  # [N, K]
@@ -185,33 +189,13 @@ def rope_1d(head_dim: int, length: int, theta: float = 10000.0,
     return torch.cos(angles), torch.sin(angles)
 
 
-def on_device(t: Tensor) -> torch.cuda.device:
-    """The context our Triton kernels launch in. Triton launches on the current CUDA device and its current
-    stream, not on the device of the tensors passed: a `pid decode` worker for cuda:1 running eager (compiled
-    graphs set the device themselves) would otherwise launch on cuda:0, unordered with cuda:1's work."""
-    return torch.cuda.device(t.device)
-
-
 def norm_rope(norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None, out_dtype: torch.dtype) -> Tensor:
     """`apply_rope(norm(x), rope)` for the q or k heads x [B, N, heads, head_dim], rounded to out_dtype, the
-    dtype attention takes them in (V's): one Triton kernel on CUDA (`norm_rope_kernel`; torch.compile's own
-    kernel for it runs ~4x below memory bandwidth), which writes q and k once at that width."""
+    dtype attention takes them in (V's): on CUDA the `pid::norm_rope` op, one Triton kernel (kernels/norm_rope.py;
+    torch.compile's own kernel for it runs far below memory bandwidth), which writes q and k once at that width."""
     if triton_kernels(x) and rope is not None:
         return torch.ops.pid.norm_rope(x, norm.weight, norm.eps, *rope, out_dtype)
     return apply_rope(norm(x), rope).to(out_dtype)
-
-
-@torch.library.custom_op("pid::norm_rope", mutates_args=(), device_types="cuda")
-def _norm_rope_op(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> Tensor:
-    from pid_cli.model import norm_rope_kernel
-
-    with on_device(x):
-        return norm_rope_kernel.launch(x, weight, eps, cos, sin, out_dtype)
-
-
-@_norm_rope_op.register_fake
-def _(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> Tensor:
-    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -225,8 +209,8 @@ def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
 
 
 def fast_attention():
-    """Prefer cuDNN's fused attention on GPUs (27-38% faster than the flash backend on H100 for
-    PiD's head dims 64 and 72, see perf/UPSTREAM_PROFILE.md), falling back in order."""
+    """Prefer cuDNN's fused attention on GPUs (faster than the flash backend for PiD's head dims 64 and 72, see
+    docs/performance.md#attention-backends), falling back in order."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -243,8 +227,6 @@ def attention(q: Tensor, k: Tensor | tuple[Tensor, Tensor], v: Tensor | tuple[Te
     tokens; returns [B, N, heads·head_dim]. "8bit" is the opt-in INT8/FP8 kernel of `attention8` (CUDA, head dims
     64..96), which reads the parts where they are."""
     if mode == "8bit":
-        from pid_cli.model import attention8
-
         return attention8.attention(q, k, v).flatten(2)
     k, v = (torch.cat(t, 1) if isinstance(t, tuple) else t for t in (k, v))
     q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, head_dim]

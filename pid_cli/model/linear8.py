@@ -11,8 +11,8 @@ Scaling is per row on both sides, what `torch._scaled_mm` takes on Hopper:
               fuse into the kernel that produces the activation.
 The product accumulates in fp32 and is rescaled and rounded to bf16, the dtype the bf16 layer returns.
 cuBLAS runs it with fast accumulation: Hopper's FP8 MMA adds each k-step into the fp32 accumulator with
-fewer significant bits instead of cuBLAS promoting partial sums. On PiD's 2K shapes (H100,
-`scripts/matmul8_bench.py`) the product is 7-22% faster; against the promoted sums it moves the result by
+fewer significant bits instead of cuBLAS promoting partial sums: faster on PiD's shapes (docs/performance.md#kernels;
+`scripts/matmul8_bench.py` measures it), and against the promoted sums it moves the result by
 0.6-1.3e-3 relative L2 with a mean drift of the magnitudes of -1e-4, beside 3.7e-2 from the e4m3 rounding of
 the operands, and a whole decode's PSNR against the bf16 path stays 59.0 dB.
 Text-stream, adaLN-of-timestep, embedding and per-pixel MLP layers stay bf16: they are a few rows or
@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pid_cli.kernels.constants import FP8_MAX
+
 MATMUL_MODES = ("bf16", "fp8")  # "bf16": the Linears in their weight dtype (fp32 in an fp32 network)
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3 value
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:

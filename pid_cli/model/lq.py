@@ -43,7 +43,7 @@ class SigmaGate(nn.Module):
     def content_logit(self, s: Tensor, f: Tensor) -> Tensor:
         """content_proj([s, f]) → [B, L, hidden or 1] in the weight dtype. With one gate per token the
         projection is two dot products per token, written out so that the compiled gate reads s and f once,
-        without the [s, f] concatenation and a one-column GEMM (3 kernels and ~190 µs per gate at 2K, H100)."""
+        without the [s, f] concatenation and a one-column GEMM (3 kernels per gate; docs/performance.md#machinery)."""
         proj = self.content_proj
         if proj.out_features > 1:
             return proj(torch.cat([s, f], dim=-1))

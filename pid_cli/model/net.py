@@ -1,7 +1,7 @@
 """PiDNet: PixelDiT (MMDiT patch blocks + per-pixel PiT blocks) with the latent branch.
 
 Parameter names and shapes are exactly upstream's (without the `net.` prefix), so the
-released `model_ema_bf16.pth` files load without conversion. Spec: PID_SPEC.md §3.
+released `model_ema_bf16.pth` files load without conversion. The network in words: docs/model.md#the-network.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pid_cli.model import heads, inductor, layers, linear8
+from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
+from pid_cli.model import attention8, heads, inductor, layers, linear8
 from pid_cli.model.graphs import StepGraphs
 from pid_cli.model.heads import HeadShard, gather_heads
 from pid_cli.model.layers import (
@@ -29,7 +30,6 @@ from pid_cli.model.layers import (
     modulate,
     narrow_linear,
     norm_rope,
-    on_device,
     rope_1d,
     rope_2d,
 )
@@ -220,7 +220,8 @@ class PiTBlock(nn.Module):
 
     def post(self, xp: Tensor, s_cond: Tensor, attended: Tensor) -> Tensor:
         """xp [n, P², C] fp32 after the attention and MLP residuals. With bf16 weights on a GPU the per-pixel
-        part is one Triton kernel that updates xp in place (`pixel_mlp_kernel`: 4x fewer bytes moved)."""
+        part is the `pid::pixel_mlp_` op, one Triton kernel that updates xp in place (kernels/pixel_mlp.py: 4x fewer
+        bytes moved)."""
         modulation, branch = self.post_inputs(xp, s_cond, attended)  # [n, P², 4C], [n, P², C]
         if layers.triton_kernels(xp) and self.mlp.fc1.weight.dtype == torch.bfloat16:
             mlp = self.mlp
@@ -237,26 +238,6 @@ class PiTBlock(nn.Module):
         gate_a, shift_m, scale_m, gate_m = modulation.chunk(4, dim=-1)
         xp = xp + gate_a * branch
         return xp + gate_m * self.mlp(modulate(self.norm2(xp), shift_m, scale_m))
-
-
-@torch.library.custom_op("pid::pixel_mlp_", mutates_args=("xp",), device_types="cuda")
-def _pixel_mlp_op(xp: Tensor, modulation: Tensor, branch: Tensor, norm_weight: Tensor, eps: float, w1: Tensor,
-                  b1: Tensor, w2: Tensor, b2: Tensor) -> None:
-    """`PiTBlock.residuals` of a bf16 network, written into xp (contiguous fp32 [n, P², C])."""
-    from pid_cli.model import pixel_mlp_kernel
-
-    args = (modulation, branch, norm_weight, eps, w1, b1, w2, b2)
-    with on_device(xp):
-        if pixel_mlp_kernel.refusal(xp, modulation, branch, norm_weight, w1, b1, w2, b2) is None:
-            pixel_mlp_kernel.launch(xp, *args)
-        else:  # what the kernel does not take: a pixel width no released checkpoint has (the tiny test networks)
-            xp.copy_(pixel_mlp_kernel.reference(xp, *args))
-
-
-@_pixel_mlp_op.register_fake
-def _(xp: Tensor, modulation: Tensor, branch: Tensor, norm_weight: Tensor, eps: float, w1: Tensor, b1: Tensor,
-      w2: Tensor, b2: Tensor) -> None:
-    return None
 
 
 class FinalLayer(nn.Module):
@@ -367,9 +348,9 @@ class PiDNet(nn.Module):
         """torch.compile the repeated pieces (the MMDiT blocks with the latent gates before them in four graphs:
         the first, those with and without a gate, the last; one each the chunked PiT halves and their attention,
         the pixel embedding and the final layer) and the latent branch's conv stack, run once per decode (eager,
-        its GroupNorms, SiLUs, paddings and layout changes took 3× its convolutions' time: ~11 ms of a 2K
-        decode); the loops between them stay eager. Shapes are static, so a new output size compiles once and
-        every later image of that size reuses it. Row reductions up to 4096 wide are read once
+        its GroupNorms, SiLUs, paddings and layout changes took 3× its convolutions' time); the loops between
+        them stay eager. Shapes are static, so a new output size compiles once and every later image of that size
+        reuses it. Row reductions up to 4096 wide are read once
         (model/inductor.py)."""
         options = {"dynamic": False, **options}
         # one entry per (device, output size, last-block flag): the default limit of 8 would
@@ -430,13 +411,10 @@ class PiDNet(nn.Module):
 
     def set_attention(self, mode: str) -> PiDNet:
         """Pick the attention arithmetic: "bf16" (SDPA, cuDNN first; exact in an fp32 network) or the
-        opt-in "8bit" kernel (INT8 Q·K, FP8 P·V; Ada/Hopper GPUs; 1.20x faster 4K decodes on an H100, error
-        published in BENCHMARKS.md). Set before the first decode: compiled graphs keep the mode they saw."""
-        from pid_cli.model import attention8
-        from pid_cli.model.layers import ATTENTION_MODES
-
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention mode {mode!r}: expected one of {', '.join(ATTENTION_MODES)}")
+        opt-in "8bit" kernel (INT8 Q·K, FP8 P·V; Ada/Hopper GPUs; its speed and error per card:
+        docs/performance.md#speed-modes). Set before the first decode: compiled graphs keep the mode they saw."""
+        if mode not in layers.ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r}: expected one of {', '.join(layers.ATTENTION_MODES)}")
         modules = [m for m in self.modules() if hasattr(m, "attention_mode")]
         if mode == "8bit":
             dims = sorted({m.head_dim for m in modules})

@@ -1,7 +1,7 @@
 """Image encoders of every supported backbone, as `LatentCodec`s (image ↔ normalised PiD latent).
 
     codec = load_codec("flux1", "ae.safetensors", device="cuda")
-    latent = codec.encode(images)        # [B, 3, H, W] in [-1, 1] → [B, 16, H/8, W/8], spec §7.3
+    latent = codec.encode(images)        # [B, 3, H, W] in [-1, 1] → [B, 16, H/8, W/8], docs/model.md#image-encoders
     baseline = codec.decode(latent)      # the backbone VAE's own decode, for --compare / --color-fix
 
 Kinds: flux1 (also Z-Image), flux2 (also FLUX.2-klein), sd3, sdxl, qwenimage (also -2512), and the
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pid_cli.registry import IMAGE_ENCODER_KINDS
+from pid_cli.registry import IMAGE_ENCODER_KINDS, Entry
 from pid_cli.vae.base import LatentCodec, VAEError, load_config, read_tensors
 from pid_cli.vae.flux2 import (
     Flux2Codec,
@@ -37,9 +37,25 @@ KINDS = ("flux1", "flux2", "sd3", "sdxl", "qwenimage", *RAE_KINDS)
 FORMATS = IMAGE_ENCODER_KINDS  # registry `vae.format` → kind
 
 __all__ = [
-    "FORMATS", "KINDS", "NO_DECODER", "RAE_KINDS", "LatentCodec", "VAEError", "build_codec", "denormalize_flux2",
-    "flux2_bn_stats", "load_codec", "load_config", "load_rae_codec", "normalize_flux2", "patchify_flux2",
-    "rae_codec_for", "resolve_kind", "unpatchify_flux2",
+    "FORMATS",
+    "KINDS",
+    "NO_DECODER",
+    "RAE_KINDS",
+    "LatentCodec",
+    "VAEError",
+    "build_codec",
+    "denormalize_flux2",
+    "entry_kind",
+    "flux2_bn_stats",
+    "load_codec",
+    "load_config",
+    "load_entry_codec",
+    "load_rae_codec",
+    "normalize_flux2",
+    "patchify_flux2",
+    "rae_codec_for",
+    "resolve_kind",
+    "unpatchify_flux2",
 ]
 
 
@@ -100,3 +116,38 @@ def _random_model(kind: str, config: dict[str, Any]) -> torch.nn.Module:
 
     cls = {"flux2": AutoencoderKLFlux2, "qwenimage": QwenImageVAE2d}.get(kind, AutoencoderKL)
     return cls(**config["model"])
+
+
+def entry_kind(entry: Entry, *, decoder: bool = False) -> str:
+    """The codec kind of a registry entry's VAE; VAEError where pid has no encoder for it, or with `decoder` no
+    decoder (RAE / Scale-RAE encode only)."""
+    if entry.vae is None:
+        raise VAEError(f"registry entry {entry.id} names no VAE")
+    return resolve_kind(entry.vae.format, decoder=decoder)
+
+
+def load_entry_codec(entry: Entry, files: dict[str, Path], device: torch.device | str = "cpu",
+                     dtype: str | None = None) -> LatentCodec:
+    """The entry's VAE as a codec that must produce exactly the latents its decoder takes, from its files by role
+    (`weights` for a VAE; `encoder` folder and `stats` for the RAE encoders), as the hub resolved them.
+
+    `vae.options.model_overrides` in the registry entry changes the shipped model config (a fine-tuned VAE of
+    another width; the tests' tiny VAE)."""
+    kind, torch_dtype = entry_kind(entry), {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype or "")
+    if kind in RAE_KINDS:
+        codec = rae_codec_for(kind, files, entry.latent.normalisation, entry.vae.options, device, torch_dtype)
+        source = files["encoder"]
+        grid = entry.latent.fixed_grid
+        if tuple(grid or ()) != (codec.grid, codec.grid):  # the prepass planned every image with this grid
+            raise VAEError(f"{source}: this encoder makes a {codec.grid}x{codec.grid} latent grid at its "
+                           f"{codec.input_size}² input; {entry.id} decodes "
+                           + (f"{grid[0]}x{grid[1]}" if grid else "no fixed grid (latent.fixed_grid)"))
+    elif files.get("weights") is None:
+        raise VAEError(f"{entry.id}: no VAE weight file was resolved")
+    else:
+        source = files["weights"]
+        codec = load_codec(kind, source, device, torch_dtype, overrides=entry.vae.options.get("model_overrides"))
+    if (codec.channels, codec.factor) != (entry.latent.channels, entry.latent.vae_factor):
+        raise VAEError(f"{source}: this VAE makes {codec.channels}-channel latents at 1/{codec.factor} size; "
+                       f"{entry.id} decodes {entry.latent.channels}-channel latents at 1/{entry.latent.vae_factor}")
+    return codec

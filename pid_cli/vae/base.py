@@ -1,6 +1,6 @@
 """What every image encoder family shares: the codec interface, its shipped configs and strict loading.
 
-PiD consumes the *normalised* latent of a backbone (spec §7), so a codec is "VAE + that
+PiD consumes the *normalised* latent of a backbone (docs/model.md#latent-conventions), so a codec is "VAE + that
 backbone's normalisation": `encode` goes image → latent handed to PiD, `decode` is the exact
 inverse route (denormalise → VAE decoder) used for `--compare` and the colour fix.
 """
@@ -119,12 +119,12 @@ def track_renames(state: dict[str, Tensor], convert: Any, source: str, names: di
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on accelerators (what upstream encodes with, spec §7.3), float32 on CPU."""
+    """bf16 on accelerators (what upstream encodes with, docs/model.md#image-encoders), float32 on CPU."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 class LatentCodec(ABC):
-    """A backbone's image autoencoder plus its latent normalisation (spec §7.3).
+    """A backbone's image autoencoder plus its latent normalisation (docs/model.md#image-encoders).
 
     encode: images [B, 3, H, W] in [-1, 1], H and W multiples of `factor`
             → normalised PiD latent [B, channels, H/factor, W/factor] (posterior mean, never sampled)
@@ -152,7 +152,7 @@ class LatentCodec(ABC):
 
     @abstractmethod
     def normalize(self, raw: Tensor) -> Tensor:
-        """Raw posterior mean → PiD latent (the formula of spec §7.3)."""
+        """Raw posterior mean → PiD latent (the formulas of docs/model.md#latent-conventions)."""
 
     @abstractmethod
     def denormalize(self, latent: Tensor) -> Tensor:

@@ -1,13 +1,14 @@
 """FLUX.2 autoencoder (also FLUX.2-klein): diffusers' AutoencoderKLFlux2, 2×2 patchify and BatchNorm stats.
 
-The PiD latent is 128 channels at 1/16 resolution (spec §7.3): posterior mean μ [B, 32, H/8, W/8]
+The PiD latent is 128 channels at 1/16 resolution (docs/model.md#flux2-latents): posterior mean μ [B, 32, H/8, W/8]
 → 2×2 patchify (channel c·4 + i·2 + j for in-cell row i, column j) → eval-mode BatchNorm without
 affine, (z − running_mean)/sqrt(running_var + 1e-4), with the 128 statistics stored in the AE file.
 
 The BFL file keeps the 1×1 quant convs inside encoder/decoder (`encoder.quant_conv`,
 `decoder.post_quant_conv`) and the statistics under `bn.`; the rest is the LDM layout that diffusers'
 `convert_ldm_vae_checkpoint` maps. The small functions here are public because the latent side
-(FLUX.2-klein's raw 32-channel pipeline output, spec §7.1) needs the same patchify and statistics.
+(FLUX.2-klein's raw 32-channel pipeline output, docs/model.md#flux2-latents) needs the same patchify and
+statistics.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def flux2_bn_stats(ae_path: str | Path) -> tuple[Tensor, Tensor]:
 
 
 def normalize_flux2(z128: Tensor, mean: Tensor, var: Tensor, eps: float = BN_EPS) -> Tensor:
-    """(z − mean)/sqrt(var + eps) per channel, in z's dtype (the klein conversion of spec §7.1)."""
+    """(z − mean)/sqrt(var + eps) per channel, in z's dtype (the klein conversion: docs/model.md#flux2-latents)."""
     m = mean.to(z128).view(1, -1, 1, 1)
     s = torch.sqrt(var.to(z128).view(1, -1, 1, 1) + eps)
     return (z128 - m) / s

@@ -1,6 +1,6 @@
 """Flux.1 / SD3 / SDXL autoencoders: diffusers' AutoencoderKL with an affine latent normalisation.
 
-All three are the same LDM conv stack (spec §7.3); they differ in latent width, in whether the
+All three are the same LDM conv stack (docs/model.md#image-encoders); they differ in latent width, in whether the
 1×1 quant convs exist (SDXL only) and in (shift, scale): latent = (μ − shift)·scale, computed in
 the codec dtype like upstream. Flux.1 ships in BFL layout (`encoder.down.0.block.0…`), SD3/SDXL in
 diffusers layout; either layout is accepted for every kind, the BFL one converted with diffusers'

@@ -1,4 +1,4 @@
-"""Qwen-Image autoencoder, one frame: the 2-D Wan-2.1-style VAE of `QwenImage_VAE_2d.pth` (spec §7.3).
+"""Qwen-Image autoencoder, one frame: the 2-D Wan-2.1-style VAE of `QwenImage_VAE_2d.pth`.
 
 diffusers' AutoencoderKLQwenImage is the 3-D causal video VAE. For a single frame it reduces
 exactly to a 2-D network: causal front padding means only the last temporal tap of each 3-D kernel

@@ -1,12 +1,41 @@
-"""The Triton kernel behind `attention8` (its module docstring has the arithmetic and why).
+"""8-bit attention for Hopper GPUs, the Triton kernel of the opt-in `--attention 8bit` precision mode.
 
-One program owns BLOCK_M query rows of one (batch, head): it rounds them to INT8, then streams the
-pre-quantised keys and values in blocks of BLOCK_N with the online softmax, logits and
-accumulators in fp32. At head dim 64 the softmax denominator accumulates in the P·V product (V's
-ones channel); above 64 summing P directly measured faster (H100, 2K PiT: 442 TFLOP/s against at most
-407 over eight block configurations).
-Key blocks past the last full one are masked; nothing else needs masks because keys and values are
-zero-padded to whole blocks of 128."""
+Why it exists: at 4096² attention is most of a decode (1.65e15 FLOP per image) and cuDNN's bf16 kernel already
+runs at its ceiling. Hopper's 8-bit tensor cores have twice the bf16 rate, and PyTorch's SDPA refuses 8-bit
+inputs, so the kernel is ours (Triton). At PiD's head dims the softmax's per-element work (exp2, conversions), not
+the tensor cores, bounds it. Its speed against cuDNN, per card: docs/performance.md#kernels.
+
+Q·K runs in INT8 and P·V in FP8 (e4m3), the split SageAttention made popular: logits are sums of
+many products whose operands have a bounded range, where INT8's uniform 8 bits lose ~4x less than
+FP8's 4-bit mantissa; probabilities span decades, which only a float format keeps.
+  Q  one scale per query row (its max |q| / 127), rounded to INT8 inside the kernel from bf16.
+  K  the per-head mean over all keys removed first (adding q·mean to a whole row of logits leaves
+     softmax unchanged, and it shrinks what 8 bits must hold), then one scale per block of 128 keys.
+  V  one FP8 scale per channel over all keys; stored transposed, [.., head_dim, keys], as Hopper's
+     8-bit MMA wants its second operand, with one more channel of ones after the last (see P), and its keys
+     in the order in which the kernel hands P to the P·V product (see `reference.mma_key_order`).
+  P  the softmax numerator exp2(s - max) ∈ (0, 1] times 448, e4m3's full range. The softmax denominator is
+     the sum of the FP8 numerators, the weights that multiply V. At head dim 64 the ones channel of V makes
+     the P·V product compute it: one adder less per logit, where per-logit work bounds the kernel. Above 64
+     the kernel sums the unrounded numerators instead (faster there; the two sums differ by ~1e-3 relative).
+Logits, the running max and both accumulators stay fp32.
+
+Head dims 64 (MMDiT) and 72 (PiT) are what PiD has. Triton blocks are powers of two, so a head dim
+above 64 is split into a 64-wide part and a zero-padded remainder (32 wide for Q·K, whose 8-bit MMA
+needs K ≥ 32); V's channels plus the ones channel are split alike (64 + 16 for both head dims;
+`constants.split_widths`).
+
+K and V are quantised beforehand, by `reference.quantize_kv`'s arithmetic (on a GPU the Triton kernels of
+kv_quant.py, which read the text and image parts of K and V where the projections left them, without
+concatenating them). `reference.attend_quantized` computes this kernel's arithmetic with plain torch ops on any
+device; the tests hold it against exact attention on the CPU, and `scripts/gpu_parity.py` holds the kernel
+against both on a GPU.
+
+The kernel: one program owns BLOCK_M query rows of one (batch, head): it rounds them to INT8, then streams the
+pre-quantised keys and values in blocks of BLOCK_N with the online softmax, logits and accumulators in fp32. At
+head dim 64 the softmax denominator accumulates in the P·V product (V's ones channel); above 64 summing P directly
+measured faster. Key blocks past the last full one are masked; nothing else needs masks because keys and values
+are zero-padded to whole blocks of 128."""
 
 from __future__ import annotations
 
@@ -17,10 +46,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pid_cli.model.attention8 import KEY_BLOCK, split_widths  # see attention8.mma_key_order for P's key order
+from pid_cli.kernels import constants
+from pid_cli.kernels.constants import KEY_BLOCK, split_widths  # reference.mma_key_order: P's key order
 
-INT8_MAX: tl.constexpr = tl.constexpr(127.0)
-LOG2_FP8_MAX: tl.constexpr = tl.constexpr(math.log2(448.0))
+INT8_MAX: tl.constexpr = tl.constexpr(constants.INT8_MAX)
+LOG2_FP8_MAX: tl.constexpr = tl.constexpr(math.log2(constants.FP8_MAX))
 # int32 → fp32 without a conversion instruction (those share the slow pipe with exp2): for |s| < 2^22,
 # the float whose bits are s + 0x4B400000 is exactly 1.5·2^23 + s
 MAGIC_BITS: tl.constexpr = tl.constexpr(0x4B400000)
@@ -40,7 +70,7 @@ def _round_int8(x):
 
 @triton.jit
 def _mma_key_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`attention8.mma_key_order` on P's keys: a relabelling only, every value stays in its thread's registers."""
+    """`reference.mma_key_order` on P's keys: a relabelling only, every value stays in its thread's registers."""
     p = tl.reshape(p, [BLOCK_M, BLOCK_N // 32, 2, 2, 2, 2, 2])  # [rows, groups of 32 keys, j1, j0, c1, c0, b]
     return tl.reshape(tl.permute(p, [0, 1, 2, 4, 5, 3, 6]), [BLOCK_M, BLOCK_N])  # [.., j1, c1, c0, j0, b]
 

@@ -1,16 +1,16 @@
-"""The Triton kernels behind `attention8.quantize_kv` on a GPU: K/V quantisation for the 8-bit attention kernel.
+"""The Triton kernels behind `pid::quantize_kv8` on a GPU: K/V quantisation for the 8-bit attention kernel
+(`reference.quantize_kv`'s arithmetic; attention8.py has the why).
 
-Why: torch.compile's kernels for the same ops took ~250 µs per 2K MMDiT attention call on an H100 (~14 ms of a
-2K decode): the concatenation of text and image keys, the key mean, the block maxima and the rounding read K three
-times and V twice, and the transposed FP8 store of V ran at about a third of the card's bandwidth. These read the
-text and image parts where the projections left them (no concatenation), K and V twice each, and write K8 and V8
-once with 16-byte stores: 94 µs against 205 for Inductor's kernels at that shape, both replayed from CUDA graphs
-(H200; `scripts/kv_quant_bench.py` measures them side by side).
+Why: torch.compile's kernels for the same ops concatenate the text and image keys, then compute the key mean, the
+block maxima and the rounding reading K three times and V twice, and their transposed FP8 store of V ran at about a
+third of the card's bandwidth. These read the text and image parts where the projections left them (no
+concatenation), K and V twice each, and write K8 and V8 once with 16-byte stores (timings: docs/performance.md#kernels;
+`scripts/kv_quant_bench.py` measures them side by side with Inductor's).
   stats     one program per (256 keys, batch·head): partial sums of K and partial max |V| per channel.
   reduce    one program per batch·head: the key mean (the sum, then / N, as torch's mean) and V's channel scales.
   quantise  program (2·block, bh) quantises a block of 128 keys of K: centred, one scale from its max |k|, INT8
             rows (half to even, as torch.round); program (2·block + 1, bh) the same block of V: scaled per
-            channel, e4m3, stored transposed [D_V, keys] with its keys in `attention8.mma_key_order`, the ones
+            channel, e4m3, stored transposed [D_V, keys] with its keys in `reference.mma_key_order`, the ones
             channel and zero padding after the data. K and V in separate programs: each holds half the registers,
             so twice as many share an SM, their loads and stores out of step.
 Channels are split as attention8 splits them, 64 plus a power-of-two remainder. Divisions round as IEEE division
@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pid_cli.model import attention8
-from pid_cli.model.attention8 import KEY_BLOCK, split_widths
+from pid_cli.kernels import constants
+from pid_cli.kernels.constants import KEY_BLOCK, split_widths
 
-INT8_MAX: tl.constexpr = tl.constexpr(attention8.INT8_MAX)
-FP8_MAX: tl.constexpr = tl.constexpr(attention8.FP8_MAX)
+INT8_MAX: tl.constexpr = tl.constexpr(constants.INT8_MAX)
+FP8_MAX: tl.constexpr = tl.constexpr(constants.FP8_MAX)
 ROUND: tl.constexpr = tl.constexpr(12582912.0)  # 1.5·2^23: the low bits of x + ROUND are x rounded, |x| < 2^22
 
 CHUNK = 256  # keys per program of the statistics pass
@@ -219,7 +219,7 @@ def takes(ka: Tensor, kb: Tensor, va: Tensor, vb: Tensor) -> bool:
     """Whether `launch` takes these parts: head dims attention8 supports, each part [B, N_i, heads, D] with
     strides (.., .., D, 1), and row offsets within a batch element that fit the kernels' 32 bits."""
     d, heads = ka.shape[3], ka.shape[2]
-    if not attention8.supported(d) or any(t.stride()[2:] != (d, 1) or t.shape[2:] != (heads, d)
+    if not constants.supported(d) or any(t.stride()[2:] != (d, 1) or t.shape[2:] != (heads, d)
                                           for t in (ka, kb, va, vb)):
         return False
     n_pad = -(-(ka.shape[1] + kb.shape[1]) // KEY_BLOCK) * KEY_BLOCK
@@ -227,13 +227,13 @@ def takes(ka: Tensor, kb: Tensor, va: Tensor, vb: Tensor) -> bool:
 
 
 def launch(ka: Tensor, kb: Tensor, va: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`attention8.quantize_kv(cat([ka, kb], 1), cat([va, vb], 1))` without the concatenation: the text and image
+    """`reference.quantize_kv(cat([ka, kb], 1), cat([va, vb], 1))` without the concatenation: the text and image
     parts [B, N_i, heads, D] of K and V (N_i may be 0) that `takes` accepts (views into the projections' outputs
     are fine)."""
     if not takes(ka, kb, va, vb):
-        raise ValueError(f"kv_quant_kernel: K/V parts of shapes {[tuple(t.shape) for t in (ka, kb, va, vb)]} and "
+        raise ValueError(f"kv_quant: K/V parts of shapes {[tuple(t.shape) for t in (ka, kb, va, vb)]} and "
                          f"strides {[t.stride() for t in (ka, kb, va, vb)]}: expected [B, N, heads, D] with head "
-                         f"stride D, D in {attention8.MIN_HEAD_DIM}..{attention8.MAX_HEAD_DIM}, offsets < 2^31")
+                         f"stride D, D in {constants.MIN_HEAD_DIM}..{constants.MAX_HEAD_DIM}, offsets < 2^31")
     batch, n_a, heads, d = ka.shape
     n = n_a + kb.shape[1]
     strides = [st for t in (ka, kb, va, vb) for st in t.stride()[:2]]  # batch, token strides of each

@@ -1,13 +1,14 @@
-"""The Triton kernel behind `layers.norm_rope`: RMSNorm of each attention head's q or k, then RoPE, in one pass.
+"""The Triton kernel behind `pid::norm_rope` (`layers.norm_rope` on CUDA): RMSNorm of each attention head's q or
+k, then RoPE, in one pass.
 
 Why it exists: torch.compile turns the same ops into a kernel with one (token, head) row of 64 values per
-program, ~4x slower than memory bandwidth (H200, 2K: 239 µs per MMDiT block, 3.4% of a decode). Here one
-program normalises and rotates BLOCK_ROWS rows, reading each value once and writing it once.
+program, far below memory bandwidth (timings: docs/performance.md#kernels). Here one program normalises and rotates
+BLOCK_ROWS rows, reading each value once and writing it once.
 
-The arithmetic is `apply_rope(RMSNorm(x))`'s, in its order: statistics in fp32, the normalised value rounded
-to x's dtype, times the weight (rounded to the product's dtype), rotated in fp32; the result is stored in the
-dtype attention takes (bf16 in the bf16 network: half the bytes of the fp32 rotation, and attention's own
-cast of it is then a no-op).
+The arithmetic is `reference.norm_rope`'s (`apply_rope(RMSNorm(x))`), in its order: statistics in fp32, the
+normalised value rounded to x's dtype, times the weight (rounded to the product's dtype), rotated in fp32; the
+result is stored in the dtype attention takes (bf16 in the bf16 network: half the bytes of the fp32 rotation, and
+attention's own cast of it is then a no-op).
 """
 
 from __future__ import annotations

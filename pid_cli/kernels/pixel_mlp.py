@@ -1,16 +1,15 @@
 """The tail of a PiT block's per-pixel work (`PiTBlock.post` after its linear projections) as one Triton kernel.
 
 Why it exists: in eager or Inductor form the tail is ~6 kernels (gated residual, RMSNorm + modulation, fc1, GELU,
-fc2, gated residual), each reading and writing the [M, C] or [M, 4C] per-pixel tensors again: ~925 µs per chunk of
-2M pixels on an H100, all memory-bound. The MLP is 16→64→16 wide, far too narrow for cuBLAS to be anything but
-memory-bound, and its hidden [M, 4C] activations make two round trips through memory. Here one program takes
-BLOCK_M pixels, reads xp, the modulation and the attention output once, keeps the hidden activations in
-registers, and writes the new residual stream over xp: 288 bytes per pixel at C = 16, nothing else.
-Measured (H100, 2M pixels, C = 16): 305-323 µs against 1,056 for the Inductor-compiled ops with the copy into xp.
-It is bound by instruction issue (80% of issue slots, ALU pipe 72%), not memory (54% of DRAM bandwidth): libdevice's
-erf is ~33 instructions per hidden value, ~13 of them predicated moves that pick its polynomial's coefficients.
+fc2, gated residual), each reading and writing the [M, C] or [M, 4C] per-pixel tensors again, all memory-bound.
+The MLP is 16→64→16 wide, far too narrow for cuBLAS to be anything but memory-bound, and its hidden [M, 4C]
+activations make two round trips through memory. Here one program takes BLOCK_M pixels, reads xp, the modulation
+and the attention output once, keeps the hidden activations in registers, and writes the new residual stream over
+xp: 288 bytes per pixel at C = 16, nothing else (timings against the Inductor-compiled ops:
+docs/performance.md#machinery). It is bound by instruction issue, not memory: libdevice's erf is ~33 instructions
+per hidden value, ~13 of them predicated moves that pick its polynomial's coefficients.
 
-The arithmetic is eager PyTorch's (`reference`), every bf16 rounding reproduced:
+The arithmetic is eager PyTorch's (`reference.pixel_mlp`), every bf16 rounding reproduced:
     ga, sh, sc, gm = modulation.chunk(4, -1)                     # bf16
     x  = xp + bf16(ga · expanded)                                # fp32
     h  = norm_weight · x · rsqrt(mean(x²) + eps)                 # fp32 (RMSNorm)
@@ -25,13 +24,13 @@ across a bf16 rounding boundary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# pixel_dim → (BLOCK_M, num_warps), the fastest without register spills in the check script's --sweep (H100, Triton
-# 3.6; C = 16: 315 µs per 2M pixels at (64, 4), 371 at (128, 8), 495 at (128, 4), 534 at (32, 4)). Four warps are
+# pixel_dim → (BLOCK_M, num_warps), the fastest without register spills in the --sweep of the pixel-MLP check
+# script (`git show be5e2df:scripts/experiments/pixel_mlp_check.py`; H100, Triton 3.6; C = 16: 315 µs per 2M
+# pixels at (64, 4), 371 at (128, 8), 495 at (128, 4), 534 at (32, 4)). Four warps are
 # one warpgroup, whose MMA (wgmma) takes 64 rows; 64 rows keep a thread at 69 registers at C = 16, so many programs
 # share an SM. At C = 64, 64 rows spill (the [64, 256] fp32 hidden block) and 32 rows take the older mma.sync path.
 # C must be a power of two ≥ 16 (tl.dot's smallest dimension).
@@ -79,18 +78,6 @@ def _pixel_mlp_kernel(XP, MOD, EXP, NW, W1, B1, W2, B2, n_pixels, eps,
     tl.store(XP + px, x + (gm * v).to(tl.bfloat16).to(tl.float32), mask=ok)
 
 
-def reference(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Tensor, eps: float,
-              w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-    """The torch ops the kernel replaces (any device); returns the new xp, its inputs untouched."""
-    ga, sh, sc, gm = modulation.chunk(4, -1)  # each [..., C] bf16
-    x = xp + ga * expanded
-    x32 = x.float()
-    h = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
-    m = h * (1 + sc) + sh
-    v = F.linear(F.gelu(F.linear(m.to(torch.bfloat16), w1, b1)), w2, b2)  # [..., C] → [..., 4C] → [..., C]
-    return x + gm * v
-
-
 def refusal(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Tensor, w1: Tensor, b1: Tensor,
             w2: Tensor, b2: Tensor) -> str | None:
     """Why `launch` would not take these tensors, or None: a pixel width C outside CONFIGS, dtypes other than xp
@@ -112,11 +99,11 @@ def refusal(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Tenso
 def launch(xp: Tensor, modulation: Tensor, expanded: Tensor, norm_weight: Tensor, eps: float,
            w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
     """xp [..., C] fp32 (contiguous), modulation [..., 4C] and expanded [..., C] bf16, norm_weight [C] fp32,
-    w1 [4C, C], b1 [4C], w2 [C, 4C], b2 [C] bf16: writes `reference`'s result into xp. ValueError with the
+    w1 [4C, C], b1 [4C], w2 [C, 4C], b2 [C] bf16: writes `reference.pixel_mlp`'s result into xp. ValueError with the
     `refusal` otherwise (the caller then takes the torch path)."""
     reason = refusal(xp, modulation, expanded, norm_weight, w1, b1, w2, b2)
     if reason is not None:
-        raise ValueError(f"pixel_mlp_kernel: {reason}")
+        raise ValueError(f"pixel_mlp: {reason}")
     c = xp.shape[-1]
     n_pixels = xp.numel() // c
     block_m, warps = CONFIGS[c]

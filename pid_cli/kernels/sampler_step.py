@@ -3,12 +3,13 @@
 Why it exists: the step is x0 = x − t·v in float64 (upstream's arithmetic), then x0 re-noised to the next
 timestep in float32. As torch ops that is eight kernels and ~14 bytes of traffic per value written (the float64
 copies of x and v, their product, the difference, its float32 copy, then the re-noising's two products and
-sum): ~0.5 ms of a 2K step on an H100, 2 ms of each 2K decode. Here each value of x, v and the noise is read
-once and the new x written once.
+sum; timings: docs/performance.md#machinery). Here each value of x, v and the noise is read once and the new x
+written once.
 
-The arithmetic is the torch ops', operation for operation and in their order: float64 product and difference
-rounded each (no fused multiply-add: `enable_fp_fusion=False`), rounded to float32, then the float32 products
-and sum of the re-noising, each rounded. The result is bit for bit the torch ops' (scripts/gpu_parity.py).
+The arithmetic is the torch ops' (`sampler.step`'s path off CUDA, its reference), operation for operation and in
+their order: float64 product and difference rounded each (no fused multiply-add: `enable_fp_fusion=False`), rounded
+to float32, then the float32 products and sum of the re-noising, each rounded. The result is bit for bit the torch
+ops' (scripts/gpu_parity.py).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 worker's decoder splits each image across them, pipeline.py and split.py).
 
 Why processes and not a thread per GPU: a compiled decode still launches thousands of kernels from
-Python, and threads share one interpreter lock. On 4 H200s, threads reached 3.06x one GPU, separate
-processes 3.99x, and these workers 3.95x (BENCHMARKS.md).
+Python, and threads share one interpreter lock: on 4 GPUs threads scaled far worse than a process per GPU
+(docs/performance.md#multi-gpu).
 
-Each worker is the single-device run of `runner.run` on its share of the inputs: the run's own shard
+Each worker is the single-device run of `session.run_here` on its share of the inputs: the run's own shard
 (`--shard K/N`, torchrun, Slurm) split again round-robin, so worker i of n takes shard K + N·i of N·n.
 Workers hand their records, progress and warnings to this parent, the only writer of `--manifest-out`,
 `--json`, the progress bar and stderr's warnings, so a multi-GPU run reads exactly like a single-GPU one.
@@ -31,26 +31,24 @@ import traceback
 from dataclasses import replace
 from typing import Any
 
-from pid_cli.hub import HubError
-from pid_cli.inputs import InputError, InputSpec, take_shard
-from pid_cli.registry import RegistryError
-from pid_cli.runner import (
+from pid_cli.decode.job import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     DecodeJob,
-    Records,
-    _install_signal_handlers,
-    _Progress,
     check_records_path,
     collect_job_inputs,
     device_groups,
     fetch_run_files,
     job_inputs,
     nothing_to_decode,
-    run,
 )
+from pid_cli.decode.records import Progress, Records, install_signal_handlers
+from pid_cli.decode.session import run_here
+from pid_cli.hub import HubError
+from pid_cli.inputs import InputError, InputSpec, take_shard
+from pid_cli.registry import RegistryError
 
 PARENT_POLL_S = 0.5
 
@@ -65,7 +63,7 @@ def worker_jobs(job: DecodeJob) -> list[DecodeJob]:
 
 
 def run_per_device(job: DecodeJob) -> int:
-    """The parent of a multi-device run (`runner.run` has refused a bad job before calling this). It checks the
+    """The parent of a multi-device run (`decode.run` has refused a bad job before calling this). It checks the
     inputs and prompt sources and fetches the files every worker needs once, before any worker starts."""
     found = collect_job_inputs(job)
     check_records_path(job, found)
@@ -83,7 +81,7 @@ def run_per_device(job: DecodeJob) -> int:
     previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
     records = Records(job.manifest_out, sys.stdout if job.json_stdout else None)
-    progress = _Progress(0, job.quiet)
+    progress = Progress(0, job.quiet)
     recorded: dict[str, int] = {}  # records per input path (a file listed with two prompts is two inputs)
     exits: dict[int, int] = {}
     died: dict[int, int] = {}  # workers gone without reporting their exit: index → exit code
@@ -211,7 +209,7 @@ def _record_lost_inputs(jobs: list[DecodeJob], died: dict[int, int], recorded: d
 def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; a terminal's Ctrl-C reaches us too
     stop = threading.Event()
-    _install_signal_handlers(stop, (signal.SIGTERM,), announce=False)
+    install_signal_handlers(stop, (signal.SIGTERM,), announce=False)
     events.put((index, "ready", None))  # from here on a SIGTERM stops this worker instead of killing it
 
     def watch_parent() -> None:
@@ -224,7 +222,7 @@ def _worker_main(job: DecodeJob, index: int, parent: int, events: Any) -> None:
     job = replace(job, warn=lambda message: events.put((index, "warn", message)),
                   note=lambda message: events.put((index, "note", message)))
     try:
-        code = run(job, report=lambda event, data: events.put((index, event, data)), stop=stop)
+        code = run_here(job, report=lambda event, data: events.put((index, event, data)), stop=stop)
     except (RegistryError, InputError, HubError, PermissionError, ValueError) as e:  # the CLI's usage errors
         events.put((index, "usage", str(e)))
         code = EXIT_USAGE
