@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from pid_cli import __version__
+
+if TYPE_CHECKING:
+    from pid_cli import hub
 
 app = typer.Typer(
     name="pid",
@@ -137,7 +141,7 @@ def download(
                                   query_hub=sizes_from == "the Hub")
         if not console.is_terminal:  # a log or a pipe: no need to fold names, so print them whole on a line
             console = Console(width=max(console.width, 100 + max(len(i.describe()) for i in plan)))
-        console.print(hub.plan_table(plan, sizes_from, fold_names=console.is_terminal))
+        console.print(_plan_table(plan, sizes_from, fold_names=console.is_terminal))
         if dry_run:
             return
         command = hub.download_command(entries, vae=vae, text_encoder=text_encoder, local_dir=settings.local_dir)
@@ -169,7 +173,7 @@ def list_checkpoints(
     if as_json:
         typer.echo(json.dumps(records, indent=2))
     else:
-        Console().print(hub.list_table(reg, records))
+        Console().print(_list_table(reg, records))
 
 
 @app.command()
@@ -409,6 +413,73 @@ def decode(
     except (RegistryError, InputError, hub.HubError, PermissionError, ValueError) as e:
         raise usage(str(e)) from e
     raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables for `pid download` / `pid list`
+
+
+def _plan_table(items: Sequence[hub.PlanItem], sizes_from: str = "the Hub", fold_names: bool = True) -> Any:
+    """The download plan as a table: whole file names (folded on a terminal, on one line each otherwise, never
+    cut), and a total that says what it knows: exact sizes from the Hub, estimates from the registry offline,
+    and how many sizes are unknown."""
+    from rich.table import Table
+
+    from pid_cli import hub
+
+    todo = [i for i in items if i.on_disk is None]
+    total, exact = hub.plan_total(items)
+    unknown = sum(i.size is None for i in todo)
+    if not todo:
+        caption = f"everything is on disk ({len(items)} item(s))"
+    else:
+        known = f"{hub.format_size(total, exact)}" if len(todo) > unknown else ""
+        caption = (f"to download: {len(todo)} of {len(items)} item(s), "
+                   + " + ".join(filter(None, [known, f"{unknown} of unknown size" if unknown else ""]))
+                   + f" (sizes from {sizes_from})")
+    table = Table(title="Download plan", caption=caption)
+    for column in ("file", "role", "used by", "size", "status"):
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold",
+                         no_wrap=column in ("size", "status") or (column == "file" and not fold_names))
+    for item in items:
+        status = "[green]on disk[/]" if item.on_disk is not None else "[yellow]download[/]"
+        table.add_row(item.describe(), item.role, ", ".join(item.entry_ids),
+                      hub.format_size(item.size, item.size_exact), status)
+    return table
+
+
+def _list_table(registry: Any, records: Sequence[dict[str, Any]]) -> Any:
+    """Backbones × variants; bold marks what `2kto4k` picks, dim marks superseded checkpoints."""
+    from rich.table import Table
+
+    from pid_cli import hub
+
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    takes_images = {b: any(r["image_inputs"] for r in records if r["backbone"] == b) for b in registry.backbones()}
+    table = Table(title="PiD checkpoints", caption="✓ decoder on disk (+ VAE, + text encoder: ✓✓✓) · "
+                  "bold: chosen by its 'answers_to' names (e.g. 2kto4k) · dim: superseded"
+                  + ("" if all(takes_images.values()) else " · latents only: no image encoder for its VAE format"))
+    table.add_column("backbone")
+    for variant in variants:
+        table.add_column(variant, justify="right")
+    for backbone in registry.backbones():
+        aliases = [a for a, b in registry.aliases.items() if b == backbone]
+        cells = []
+        for variant in variants:
+            rec = next((r for r in records if r["backbone"] == backbone and r["variant"] == variant), None)
+            if rec is None:
+                cells.append("[dim]-[/]")
+                continue
+            disk = rec["on_disk"]
+            marks = "✓" * (bool(disk["decoder"]) + (bool(disk["decoder"]) and disk["vae"])
+                           + (bool(disk["decoder"]) and disk["vae"] and disk["text_encoder"]))
+            text = f"{hub.format_size(rec['size'], rec['size_exact'])} {marks or '·'}"
+            style = "dim" if rec["superseded"] else "bold" if rec["answers_to"] else ""
+            cells.append(f"[{style}]{text}[/]" if style else text)
+        label = backbone + ("" if takes_images[backbone] else " [dim](latents only)[/]")
+        label += f"\n[dim]{', '.join(aliases)}[/]" if aliases else ""
+        table.add_row(label, *cells)
+    return table
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     link to it, the same file): checked before the source is read, so a slip of `-o` costs nothing."""
     from safetensors.torch import save_file
 
-    from pid_cli.model import PiDNet, WeightsError, read_state_dict
+    from pid_cli.model import PiDConfig, PiDNet, WeightsError, read_state_dict
     from pid_cli.model.weights import check_state
 
     src, dst = Path(src), Path(dst)
@@ -48,7 +48,7 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     try:
         state = read_state_dict(src)
         with torch.device("meta"):
-            net = PiDNet(**entry.net_config)
+            net = PiDNet(PiDConfig.from_dict(entry.net_config))
         check_state(net, state, f"{src} (registry entry {entry.id})")
     except WeightsError as exc:
         raise ConvertError(str(exc)) from exc

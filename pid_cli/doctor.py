@@ -24,12 +24,12 @@ def check_parity(device: torch.device) -> tuple[bool, str]:
     """Upstream's golden tensors through `load_weights` + `PiDNet` + `sample`, in float32."""
     from safetensors.torch import load_file
 
-    from pid_cli.model import PiDNet, load_weights
+    from pid_cli.model import PiDConfig, PiDNet, load_weights
     from pid_cli.sampler import sample
 
     cfg = json.loads((FIXTURE / "config.json").read_text())["tiny_net_config"]
     fx = {k: v.float().to(device) for k, v in load_file(FIXTURE / "fixture.safetensors").items()}
-    net = load_weights(PiDNet(**cfg).eval(), FIXTURE / "model_ema_bf16.pth").to(device)
+    net = load_weights(PiDNet(PiDConfig.from_dict(cfg)).eval(), FIXTURE / "model_ema_bf16.pth").to(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -47,12 +47,12 @@ def check_parity(device: torch.device) -> tuple[bool, str]:
 
 def time_decode(entry, device: torch.device, size: int = 2048) -> str:
     """Seconds per full-size decode (random weights, bf16, eager: the compiled path is faster)."""
-    from pid_cli.model import PiDNet
+    from pid_cli.model import PiDConfig, PiDNet
     from pid_cli.model.layers import fast_attention
     from pid_cli.sampler import draw_noise, sample
 
     with torch.device("meta"):
-        net = PiDNet(**entry.net_config)
+        net = PiDNet(PiDConfig.from_dict(entry.net_config))
     net = net.to_empty(device=device).eval().requires_grad_(False)
     for name, p in net.named_parameters():
         p.data.fill_(1.0) if "norm" in name or p.dim() == 0 else p.data.normal_(0, 0.02)

@@ -929,37 +929,6 @@ def format_size(size: int | None, exact: bool = True) -> str:
     return text if exact else f"≈{text}"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Presentation for `pid download` / `pid list`
-
-
-def plan_table(items: Sequence[PlanItem], sizes_from: str = "the Hub", fold_names: bool = True) -> Any:
-    """The download plan as a table: whole file names (folded on a terminal, on one line each otherwise, never
-    cut), and a total that says what it knows: exact sizes from the Hub, estimates from the registry offline,
-    and how many sizes are unknown."""
-    from rich.table import Table
-
-    todo = [i for i in items if i.on_disk is None]
-    total, exact = plan_total(items)
-    unknown = sum(i.size is None for i in todo)
-    if not todo:
-        caption = f"everything is on disk ({len(items)} item(s))"
-    else:
-        known = f"{format_size(total, exact)}" if len(todo) > unknown else ""
-        caption = (f"to download: {len(todo)} of {len(items)} item(s), "
-                   + " + ".join(filter(None, [known, f"{unknown} of unknown size" if unknown else ""]))
-                   + f" (sizes from {sizes_from})")
-    table = Table(title="Download plan", caption=caption)
-    for column in ("file", "role", "used by", "size", "status"):
-        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold",
-                         no_wrap=column in ("size", "status") or (column == "file" and not fold_names))
-    for item in items:
-        status = "[green]on disk[/]" if item.on_disk is not None else "[yellow]download[/]"
-        table.add_row(item.describe(), item.role, ", ".join(item.entry_ids),
-                      format_size(item.size, item.size_exact), status)
-    return table
-
-
 def list_records(registry: Any, settings: Settings | None = None) -> list[dict[str, Any]]:
     """One JSON-ready record per registry entry, with what is on disk (no network)."""
     settings = settings or Settings.from_env()
@@ -980,35 +949,3 @@ def list_records(registry: Any, settings: Settings | None = None) -> list[dict[s
             "on_disk": entry_status(entry, settings),
         })
     return records
-
-
-def list_table(registry: Any, records: Sequence[dict[str, Any]]) -> Any:
-    """Backbones × variants; bold marks what `2kto4k` picks, dim marks superseded checkpoints."""
-    from rich.table import Table
-
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    takes_images = {b: any(r["image_inputs"] for r in records if r["backbone"] == b) for b in registry.backbones()}
-    table = Table(title="PiD checkpoints", caption="✓ decoder on disk (+ VAE, + text encoder: ✓✓✓) · "
-                  "bold: chosen by its 'answers_to' names (e.g. 2kto4k) · dim: superseded"
-                  + ("" if all(takes_images.values()) else " · latents only: no image encoder for its VAE format"))
-    table.add_column("backbone")
-    for variant in variants:
-        table.add_column(variant, justify="right")
-    for backbone in registry.backbones():
-        aliases = [a for a, b in registry.aliases.items() if b == backbone]
-        cells = []
-        for variant in variants:
-            rec = next((r for r in records if r["backbone"] == backbone and r["variant"] == variant), None)
-            if rec is None:
-                cells.append("[dim]-[/]")
-                continue
-            disk = rec["on_disk"]
-            marks = "✓" * (bool(disk["decoder"]) + (bool(disk["decoder"]) and disk["vae"])
-                           + (bool(disk["decoder"]) and disk["vae"] and disk["text_encoder"]))
-            text = f"{format_size(rec['size'], rec['size_exact'])} {marks or '·'}"
-            style = "dim" if rec["superseded"] else "bold" if rec["answers_to"] else ""
-            cells.append(f"[{style}]{text}[/]" if style else text)
-        label = backbone + ("" if takes_images[backbone] else " [dim](latents only)[/]")
-        label += f"\n[dim]{', '.join(aliases)}[/]" if aliases else ""
-        table.add_row(label, *cells)
-    return table

@@ -20,7 +20,7 @@ from torch import Tensor
 from pid_cli import paths
 from pid_cli.devices import resolve_device
 from pid_cli.latents import to_training_frame
-from pid_cli.model import PiDNet, layers, load_weights
+from pid_cli.model import PiDConfig, PiDNet, inference, layers, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.model.layers import fast_attention
 from pid_cli.model.linear8 import MATMUL_MODES
@@ -150,21 +150,16 @@ def build_network(net_config: dict, weights: str, device: torch.device, shard: H
     if matmul not in MATMUL_MODES:
         raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
     with torch.device("meta"):
-        net = PiDNet(**net_config)
+        net = PiDNet(PiDConfig.from_dict(net_config))
     load_weights(net, weights)  # adopts the file's tensors: no random init, no second copy
     net = net.to_inference_dtype(getattr(torch, dtype))
     if shard is not None:
         net.split_heads(shard)  # before the move: the other devices' rows never reach this one
     net = net.to(device).eval().requires_grad_(False)
-    net.set_attention(attention)  # "8bit": opt-in INT8/FP8 attention kernel (see kernels/attention8.py)
-    if matmul == "fp8":
-        net.use_fp8_matmuls()  # opt-in FP8 image-token matmuls (see model/linear8.py)
     if compile:
         persist_compile_caches()
-        net.compile_blocks()  # one compilation per output size, reused for every later image
-    if device.type == "cuda" and shard is None:
-        net.use_cuda_graphs()  # each sampler step one launch, from the first decode's second step on
-    return net
+    return inference.deploy(net, attention=attention, matmul=matmul, compile=compile,
+                            cuda_graphs=device.type == "cuda" and shard is None)
 
 
 class Decoder:

@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pid_cli.model import PiDNet
+from pid_cli.model import PiDConfig, PiDNet, inference
 from pid_cli.model.layers import fast_attention
 from pid_cli.registry import load_registry
 from pid_cli.sampler import draw_noise, sample, schedule
@@ -61,7 +61,7 @@ class Uncached(torch.nn.Module):
 
 def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
     with torch.device("meta"):
-        net = PiDNet(**entry.net_config)
+        net = PiDNet(PiDConfig.from_dict(entry.net_config))
     net = net.to_empty(device=device).eval().requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(0)
     for name, p in net.named_parameters():  # random but sane: unit norms, small matmul weights
@@ -78,19 +78,15 @@ def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
             block.split_modulation()
         return torch.compile(Uncached(net)) if policy == "upstream-compiled" else Uncached(net)
     net.to_inference_dtype(torch.bfloat16)
-    if policy in ("ours8", "ours8fp8"):
-        net.set_attention("8bit")
-    if policy in ("oursfp8", "ours8fp8"):
-        net.use_fp8_matmuls()
-    if policy != "eager":
-        net.compile_blocks().use_cuda_graphs()
-    return net
+    return inference.deploy(net, attention="8bit" if policy in ("ours8", "ours8fp8") else "bf16",
+                            matmul="fp8" if policy in ("oursfp8", "ours8fp8") else "bf16",
+                            compile=policy != "eager", cuda_graphs=policy != "eager")
 
 
 def model_flops(entry, size: int, batch: int) -> float:
     """FLOPs of one standard forward (linear + attention + conv), counted on the meta device."""
     with torch.device("meta"):
-        net = PiDNet(**entry.net_config)
+        net = PiDNet(PiDConfig.from_dict(entry.net_config))
         scale = entry.latent.vae_factor * entry.sr_scale
         args = (torch.empty(batch, 3, size, size), torch.empty(batch), torch.empty(batch, 300, 2304),
                 torch.empty(batch, entry.latent.channels, size // scale, size // scale), torch.empty(batch))

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pid_cli.model import PiDNet  # noqa: E402
+from pid_cli.model import PiDConfig, PiDNet  # noqa: E402
 from pid_cli.registry import load_registry  # noqa: E402
 from pid_cli.text import save_prompt_embeds  # noqa: E402
 
@@ -41,7 +41,7 @@ from pid_cli.text import save_prompt_embeds  # noqa: E402
 def prepare(work: Path, entry_id: str, size: int, images: int) -> tuple[Path, Path, Path]:
     entry = load_registry().get(entry_id)
     with torch.device("meta"):
-        net = PiDNet(**entry.net_config)
+        net = PiDNet(PiDConfig.from_dict(entry.net_config))
     gen = torch.Generator().manual_seed(0)
     state = {}
     for name, p in net.state_dict().items():

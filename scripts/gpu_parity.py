@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pid_cli.model import PiDNet, load_weights
+from pid_cli.model import PiDConfig, PiDNet, load_weights
 from pid_cli.model.layers import fast_attention
 from pid_cli.pipeline import HostPixels, to_uint
 from pid_cli.sampler import STUDENT_T_LIST, sample, step
@@ -192,7 +192,8 @@ def check_step_graphs(dev: torch.device) -> float:
     for policy in ("bf16", "bf16+compile"):
         outs = []
         for graphed in (False, True):
-            net = load_weights(PiDNet(**cfg).eval(), PARITY / "v15_flux2" / "model_fp32.safetensors").to(dev)
+            net = load_weights(PiDNet(PiDConfig.from_dict(cfg)).eval(),
+                               PARITY / "v15_flux2" / "model_fp32.safetensors").to(dev)
             net.pixel_chunk = 5
             net.to_inference_dtype(torch.bfloat16)
             if policy.endswith("compile"):
@@ -257,7 +258,7 @@ def check_fixture(variant: str, dev: torch.device) -> float:
     fx = {k: v.float() for k, v in load_file(PARITY / variant / "fixture.safetensors").items()}
     failed = 0.0
     for policy in ("fp32", "bf16", "bf16+compile"):
-        net = load_weights(PiDNet(**cfg).eval(), PARITY / variant / "model_fp32.safetensors").to(dev)
+        net = load_weights(PiDNet(PiDConfig.from_dict(cfg)).eval(), PARITY / variant / "model_fp32.safetensors").to(dev)
         net.pixel_chunk = 5
         if policy != "fp32":
             net.to_inference_dtype(torch.bfloat16)

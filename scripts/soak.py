@@ -143,8 +143,8 @@ class Inputs:
         import torch
         import yaml
         from conftest import PARITY, tiny_config
+        from helpers import check_latent, hostile_latents
         from safetensors.torch import save_file
-        from test_fuzz import check_latent, hostile_latents
 
         from pid_cli.latents import read_latent_file
         from pid_cli.text import save_prompt_embeds

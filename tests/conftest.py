@@ -12,7 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+import yaml
+from helpers import SURROGATE_PROMPT
 from safetensors.torch import load_file
+
+from pid_cli.text import save_prompt_embeds
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = FIXTURES / "pid_parity"
@@ -39,3 +43,16 @@ def tiny_flux_entry(**fields) -> dict:
 def _deterministic_threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """The tiny flux decoder in a user registry, prompt embeddings (one of them a lone surrogate), an input folder
+    and an output folder: what a `pid decode` test run needs (helpers.args builds its command line)."""
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(yaml.safe_dump({"version": 1, "entries": [tiny_flux_entry()]}))
+    emb = tmp_path / "emb.safetensors"
+    save_prompt_embeds(emb, ["", "a red fox", SURROGATE_PROMPT],
+                       torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(0)))
+    (tmp_path / "in").mkdir()
+    return {"reg": reg, "emb": emb, "inputs": tmp_path / "in", "out": tmp_path / "out", "root": tmp_path}

@@ -1,5 +1,6 @@
 """Fault injection: full disks, read-only folders, out-of-memory batches, kill -9, two processes on one
-output folder, damaged downloads, hostile files and pickles. End to end with the tiny fixture decoder."""
+output folder, damaged downloads, hostile files and pickles. End to end with the tiny fixture decoder
+(conftest.tiny_run)."""
 
 from __future__ import annotations
 
@@ -17,21 +18,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import tiny_flux_entry
+from helpers import (
+    SURROGATE_PROMPT,
+    args,
+    code_pickle_pt,
+    hidden,
+    hostile_latents,
+    latents,
+    pngs,
+    run_cli,
+    torch_zip_bytes,
+)
 from PIL import Image
 from safetensors.torch import save_file
-from test_fuzz import code_pickle_pt, hostile_latents, torch_zip_bytes
-from typer.testing import CliRunner
 
 from pid_cli import hub, outputs
-from pid_cli.cli import app
 from pid_cli.decode import plan, session
 from pid_cli.latents import LatentError, read_latent_file
 from pid_cli.model.weights import WeightsError, read_state_dict
 from pid_cli.pipeline import Decoder
 from pid_cli.registry import load_registry
-from pid_cli.text import save_prompt_embeds
 
 try:
     from hubserver import fake_bytes, fake_hub, populate
@@ -39,53 +45,6 @@ except ImportError:  # tests/ imported as a package
     from tests.hubserver import fake_bytes, fake_hub, populate
 
 __all__ = ["fake_hub"]  # the fixture, used by name below
-
-SURROGATE_PROMPT = "a caf\udc80"  # a lone surrogate: valid in JSON and Python strings, not encodable as UTF-8
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    """The tiny flux decoder in a user registry, prompt embeddings, an input folder and an output folder."""
-    reg = tmp_path / "registry.yaml"
-    reg.write_text(yaml.safe_dump({"version": 1, "entries": [tiny_flux_entry()]}))
-    emb = tmp_path / "emb.safetensors"
-    save_prompt_embeds(emb, ["", "a red fox", SURROGATE_PROMPT],
-                       torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(0)))
-    (tmp_path / "in").mkdir()
-    return {"reg": reg, "emb": emb, "inputs": tmp_path / "in", "out": tmp_path / "out", "root": tmp_path}
-
-
-def args(t, *extra, inputs=None):
-    return ["decode", str(inputs or t["inputs"]), "--backbone", "flux", "--variant", "tiny", "--registry",
-            str(t["reg"]), "--prompt-embeds", str(t["emb"]), "--out", str(t["out"]), "--quiet", *extra]
-
-
-def run_cli(argv):
-    result = CliRunner().invoke(app, argv)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    return result, records
-
-
-def latents(t, n, shape=(16, 2, 2), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        save_file({"x": torch.randn(*shape, generator=gen)}, t["inputs"] / f"{i:02d}.safetensors")
-
-
-def pngs(folder: Path) -> dict[str, np.ndarray]:
-    """Every PNG in a folder, fully decoded (a partial file fails to load)."""
-    out = {}
-    for p in sorted(folder.rglob("*.png")):
-        with Image.open(p) as im:
-            im.load()
-            out[p.name] = np.asarray(im)
-    return out
-
-
-def hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob(".*")) if folder.exists() else []
-
 
 def by_input(records):
     return {os.path.basename(r["input"]): r for r in records}
@@ -124,43 +83,43 @@ class _FaultyOS:
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])
-def test_disk_full_fails_that_input_only_and_leaves_no_partial_file(tiny, monkeypatch, where):
-    latents(tiny, 3)
+def test_disk_full_fails_that_input_only_and_leaves_no_partial_file(tiny_run, monkeypatch, where):
+    latents(tiny_run, 3)
     faulty = _FaultyOS("01.png", where)
     monkeypatch.setattr(outputs, "os", faulty)
-    result, records = run_cli(args(tiny, "--json"))
+    result, records = run_cli(args(tiny_run, "--json"))
     assert faulty.hits and result.exit_code == 1
     rec = by_input(records)
     assert rec["01.safetensors"]["status"] == "failed" and "No space left on device" in rec["01.safetensors"]["error"]
     assert rec["00.safetensors"]["status"] == rec["02.safetensors"]["status"] == "ok"
-    assert sorted(pngs(tiny["out"])) == ["00.png", "02.png"] and hidden(tiny["out"]) == []
+    assert sorted(pngs(tiny_run["out"])) == ["00.png", "02.png"] and hidden(tiny_run["out"]) == []
     monkeypatch.setattr(outputs, "os", os)  # space freed: a rerun finishes the job
-    result, records = run_cli(args(tiny, "--json"))
+    result, records = run_cli(args(tiny_run, "--json"))
     assert result.exit_code == 0
     assert {k: r["status"] for k, r in by_input(records).items()} == {
         "00.safetensors": "skipped", "01.safetensors": "ok", "02.safetensors": "skipped"}
-    assert sorted(pngs(tiny["out"])) == ["00.png", "01.png", "02.png"]
+    assert sorted(pngs(tiny_run["out"])) == ["00.png", "01.png", "02.png"]
 
 
-def test_full_disk_for_the_records_file_is_reported_and_exits_1(tiny):
-    latents(tiny, 2)
-    result, _ = run_cli(args(tiny, "--manifest-out", "/dev/full"))  # every write: ENOSPC
+def test_full_disk_for_the_records_file_is_reported_and_exits_1(tiny_run):
+    latents(tiny_run, 2)
+    result, _ = run_cli(args(tiny_run, "--manifest-out", "/dev/full"))  # every write: ENOSPC
     assert result.exit_code == 1 and "cannot write records" in result.output
-    assert sorted(pngs(tiny["out"])) == ["00.png", "01.png"]
+    assert sorted(pngs(tiny_run["out"])) == ["00.png", "01.png"]
 
 
-def test_records_after_a_killed_runs_partial_line_start_on_a_fresh_line(tiny):
-    latents(tiny, 1)
-    records_file = tiny["root"] / "records.jsonl"
+def test_records_after_a_killed_runs_partial_line_start_on_a_fresh_line(tiny_run):
+    latents(tiny_run, 1)
+    records_file = tiny_run["root"] / "records.jsonl"
     records_file.write_text('{"input": "earlier", "status": "ok"}\n{"input": "cut off by kill -9", "sta')
-    assert run_cli(args(tiny, "--manifest-out", str(records_file)))[0].exit_code == 0
+    assert run_cli(args(tiny_run, "--manifest-out", str(records_file)))[0].exit_code == 0
     lines = records_file.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["status"] == "ok"
 
 
-def test_unopenable_records_file_is_a_usage_error(tiny):
-    latents(tiny, 1)
-    result, _ = run_cli(args(tiny, "--manifest-out", str(tiny["root"] / "no" / "such" / "dir" / "r.jsonl")))
+def test_unopenable_records_file_is_a_usage_error(tiny_run):
+    latents(tiny_run, 1)
+    result, _ = run_cli(args(tiny_run, "--manifest-out", str(tiny_run["root"] / "no" / "such" / "dir" / "r.jsonl")))
     assert result.exit_code == 2 and "--manifest-out" in result.output
 
 
@@ -168,10 +127,10 @@ def test_unopenable_records_file_is_a_usage_error(tiny):
 # Read-only output folder
 
 
-def test_read_only_output_folder_is_refused_before_any_gpu_work(tiny, monkeypatch):
-    latents(tiny, 2)
-    tiny["out"].mkdir()
-    tiny["out"].chmod(0o555)
+def test_read_only_output_folder_is_refused_before_any_gpu_work(tiny_run, monkeypatch):
+    latents(tiny_run, 2)
+    tiny_run["out"].mkdir()
+    tiny_run["out"].chmod(0o555)
     if os.geteuid() == 0:  # root writes anyway: make the folder's file system refuse, as a read-only mount does
         class ReadOnly:
             def __getattr__(self, name):
@@ -190,22 +149,22 @@ def test_read_only_output_folder_is_refused_before_any_gpu_work(tiny, monkeypatc
     monkeypatch.setattr(plan, "read_latent_file", no_decoder)  # not even the inputs are read
     monkeypatch.setattr(hub, "ensure_files", no_decoder)  # nor the checkpoint fetched
     try:
-        result, _ = run_cli(args(tiny, "--json"))
+        result, _ = run_cli(args(tiny_run, "--json"))
     finally:
-        tiny["out"].chmod(0o755)
+        tiny_run["out"].chmod(0o755)
     assert result.exit_code == 2 and "output folder is not writable" in result.output
-    assert list(tiny["out"].iterdir()) == []
+    assert list(tiny_run["out"].iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Out of memory
 
 
-def test_out_of_memory_retries_smaller_batches_then_single_images(tiny, monkeypatch):
-    latents(tiny, 5)
-    tiny["out"] = tiny["root"] / "reference"
-    assert run_cli(args(tiny, "--batch-size", "1"))[0].exit_code == 0
-    reference = pngs(tiny["out"])
+def test_out_of_memory_retries_smaller_batches_then_single_images(tiny_run, monkeypatch):
+    latents(tiny_run, 5)
+    tiny_run["out"] = tiny_run["root"] / "reference"
+    assert run_cli(args(tiny_run, "--batch-size", "1"))[0].exit_code == 0
+    reference = pngs(tiny_run["out"])
     sizes = []
     decode = Decoder.decode_tensor
 
@@ -216,16 +175,16 @@ def test_out_of_memory_retries_smaller_batches_then_single_images(tiny, monkeypa
         return decode(self, latents, *a, **kw)
 
     monkeypatch.setattr(Decoder, "decode_tensor", small_gpu)
-    tiny["out"] = tiny["root"] / "out"
-    result, records = run_cli(args(tiny, "--batch-size", "4", "--json"))
+    tiny_run["out"] = tiny_run["root"] / "out"
+    result, records = run_cli(args(tiny_run, "--batch-size", "4", "--json"))
     assert result.exit_code == 0 and all(r["status"] == "ok" for r in records)
     assert sizes == [4, 2, 1, 1, 2, 1, 1, 1]  # halved, then per image; the last batch of one fits at once
-    got = pngs(tiny["out"])
+    got = pngs(tiny_run["out"])
     assert got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that_runs_out(tiny, monkeypatch):
+def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that_runs_out(tiny_run, monkeypatch):
     """`--compile on` (the compiler stood in by a counter that runs the graphs as they are): 5 inputs in batches
     of 2 run as 2, 2 and the last image padded to 2, which compiles nothing and says batch 2 in its PNG. Resuming
     the run after a PNG is lost decodes that image padded to 2 as well, to the same pixels. When the padded batch
@@ -234,15 +193,15 @@ def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that
 
     from pid_cli.model import PiDNet
 
-    monkeypatch.setenv("PID_CACHE_DIR", str(tiny["root"] / "cache"))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tiny["root"] / "inductor"))
+    monkeypatch.setenv("PID_CACHE_DIR", str(tiny_run["root"] / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tiny_run["root"] / "inductor"))
     counter = CompileCounter()
     compile_blocks = PiDNet.compile_blocks
     monkeypatch.setattr(PiDNet, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
-    latents(tiny, 5)
-    tiny["out"] = tiny["root"] / "eager"
-    assert run_cli(args(tiny, "--batch-size", "1"))[0].exit_code == 0
-    eager = pngs(tiny["out"])
+    latents(tiny_run, 5)
+    tiny_run["out"] = tiny_run["root"] / "eager"
+    assert run_cli(args(tiny_run, "--batch-size", "1"))[0].exit_code == 0
+    eager = pngs(tiny_run["out"])
     ran, compiled, oom_at = [], [], {"call": None}
     decode = Decoder.decode_tensor
 
@@ -258,45 +217,45 @@ def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that
     for label, oom in (("padded", None), ("retried", 3)):
         torch._dynamo.reset()
         ran.clear(), compiled.clear()
-        oom_at["call"], tiny["out"] = oom, tiny["root"] / label
-        result, records = run_cli(args(tiny, "--batch-size", "2", "--compile", "on", "--json"))
+        oom_at["call"], tiny_run["out"] = oom, tiny_run["root"] / label
+        result, records = run_cli(args(tiny_run, "--batch-size", "2", "--compile", "on", "--json"))
         assert result.exit_code == 0 and [r["status"] for r in records] == ["ok"] * 5
-        got = pngs(tiny["out"])
+        got = pngs(tiny_run["out"])
         assert got.keys() == eager.keys() and all(np.abs(got[k].astype(int) - eager[k]).max() <= 1 for k in got)
-        runtime = [Image.open(tiny["out"] / name).info["pid:runtime"] for name in sorted(got)]
+        runtime = [Image.open(tiny_run["out"] / name).info["pid:runtime"] for name in sorted(got)]
         assert all(r.endswith("compiled, batch 2") for r in runtime[:4])
         if oom is None:
             assert ran == [2, 2, 2] and compiled[0] > 0 and compiled == compiled[:1] * 3  # the last compiles nothing
             assert runtime[4].endswith("compiled, batch 2")
-            (tiny["out"] / "03.png").unlink()  # it was item 1 of its batch, beside 02; resumed, item 0 of copies
+            (tiny_run["out"] / "03.png").unlink()  # it was item 1 of its batch, beside 02; resumed, item 0 of copies
             ran.clear()
-            assert run_cli(args(tiny, "--batch-size", "2", "--compile", "on"))[0].exit_code == 0
-            resumed = pngs(tiny["out"])
+            assert run_cli(args(tiny_run, "--batch-size", "2", "--compile", "on"))[0].exit_code == 0
+            resumed = pngs(tiny_run["out"])
             assert ran == [2] and all(np.array_equal(resumed[k], got[k]) for k in got)
-            assert Image.open(tiny["out"] / "03.png").info["pid:runtime"] == runtime[3]
+            assert Image.open(tiny_run["out"] / "03.png").info["pid:runtime"] == runtime[3]
         else:
             assert ran == [2, 2, 2, 1] and runtime[4].endswith("compiled, batch 1")
 
 
-def test_out_of_memory_even_for_one_image_is_reported_per_input(tiny, monkeypatch):
-    latents(tiny, 3)
+def test_out_of_memory_even_for_one_image_is_reported_per_input(tiny_run, monkeypatch):
+    latents(tiny_run, 3)
 
     def no_memory(self, latents, *a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(Decoder, "decode_tensor", no_memory)
-    result, records = run_cli(args(tiny, "--batch-size", "2", "--json"))
+    result, records = run_cli(args(tiny_run, "--batch-size", "2", "--json"))
     assert result.exit_code == 1 and len(records) == 3
     assert all(r["status"] == "failed" and "out of GPU memory even at batch size 1" in r["error"] for r in records)
-    assert not tiny["out"].exists() or pngs(tiny["out"]) == {}
+    assert not tiny_run["out"].exists() or pngs(tiny_run["out"]) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Never a black PNG
 
 
-def test_non_finite_decoder_output_fails_the_item_instead_of_writing_black(tiny, monkeypatch):
-    latents(tiny, 2)
+def test_non_finite_decoder_output_fails_the_item_instead_of_writing_black(tiny_run, monkeypatch):
+    latents(tiny_run, 2)
     decode = Decoder.decode_tensor
 
     def nan_for_the_second(self, latents, *a, **kw):
@@ -305,17 +264,17 @@ def test_non_finite_decoder_output_fails_the_item_instead_of_writing_black(tiny,
         return images
 
     monkeypatch.setattr(Decoder, "decode_tensor", nan_for_the_second)
-    result, records = run_cli(args(tiny, "--batch-size", "2", "--json"))
+    result, records = run_cli(args(tiny_run, "--batch-size", "2", "--json"))
     rec = by_input(records)
     assert result.exit_code == 1 and rec["00.safetensors"]["status"] == "ok"
     assert rec["01.safetensors"]["status"] == "failed" and "NaN/Inf" in rec["01.safetensors"]["error"]
-    assert list(pngs(tiny["out"])) == ["00.png"]
+    assert list(pngs(tiny_run["out"])) == ["00.png"]
 
 
-def test_overflowing_latent_is_refused_before_decoding(tiny, monkeypatch):
-    save_file({"x": torch.full((16, 2, 2), 1e20)}, tiny["inputs"] / "loud.safetensors")  # decodes to NaN
+def test_overflowing_latent_is_refused_before_decoding(tiny_run, monkeypatch):
+    save_file({"x": torch.full((16, 2, 2), 1e20)}, tiny_run["inputs"] / "loud.safetensors")  # decodes to NaN
     monkeypatch.setattr(Decoder, "decode_tensor", lambda *a, **kw: pytest.fail("decoded a refused latent"))
-    result, records = run_cli(args(tiny, "--json"))
+    result, records = run_cli(args(tiny_run, "--json"))
     assert result.exit_code == 1 and "latent values reach 1e+20" in records[0]["error"]
 
 
@@ -323,53 +282,53 @@ def test_overflowing_latent_is_refused_before_decoding(tiny, monkeypatch):
 # Hostile inputs in one run: each fails alone, nothing escapes --out, no traceback
 
 
-def test_hostile_inputs_each_fail_alone(tiny):
-    marker = tiny["root"] / "PWNED"
-    bad = hostile_latents(tiny["inputs"], marker)
-    latents(tiny, 2)
-    odd = tiny["inputs"] / os.fsdecode(b"good_\xff.safetensors")  # an undecodable byte in a good file's name
+def test_hostile_inputs_each_fail_alone(tiny_run):
+    marker = tiny_run["root"] / "PWNED"
+    bad = hostile_latents(tiny_run["inputs"], marker)
+    latents(tiny_run, 2)
+    odd = tiny_run["inputs"] / os.fsdecode(b"good_\xff.safetensors")  # an undecodable byte in a good file's name
     save_file({"x": torch.randn(16, 2, 2)}, odd)
-    records_file = tiny["root"] / "records.jsonl"
-    result, records = run_cli(args(tiny, "--json", "--manifest-out", str(records_file)))
+    records_file = tiny_run["root"] / "records.jsonl"
+    result, records = run_cli(args(tiny_run, "--json", "--manifest-out", str(records_file)))
     assert result.exit_code == 1
     rec = {r["input"]: r for r in records}
     assert len(records) == len(bad) + 3 and len(rec) == len(records)
     for path in bad.values():
         assert rec[str(path)]["status"] == "failed" and str(path) in rec[str(path)]["error"], rec[str(path)]
     for name in ("00.safetensors", "01.safetensors", odd.name):
-        assert rec[str(tiny["inputs"] / name)]["status"] == "ok", rec[str(tiny["inputs"] / name)]
-    assert sorted(pngs(tiny["out"])) == sorted(["00.png", "01.png", odd.with_suffix(".png").name])
+        assert rec[str(tiny_run["inputs"] / name)]["status"] == "ok", rec[str(tiny_run["inputs"] / name)]
+    assert sorted(pngs(tiny_run["out"])) == sorted(["00.png", "01.png", odd.with_suffix(".png").name])
     assert [json.loads(line) for line in records_file.read_text().splitlines()] == records  # \udcff escapes
     assert not marker.exists()
 
 
-def test_manifest_outputs_cannot_escape_the_output_folder(tiny):
-    latents(tiny, 7)
-    outside = tiny["root"] / "outside"
+def test_manifest_outputs_cannot_escape_the_output_folder(tiny_run):
+    latents(tiny_run, 7)
+    outside = tiny_run["root"] / "outside"
     outside.mkdir()
-    tiny["out"].mkdir()
-    (tiny["out"] / "link").symlink_to(outside)
-    (tiny["out"] / "taken.png").mkdir()  # a folder where a PNG should go
+    tiny_run["out"].mkdir()
+    (tiny_run["out"] / "link").symlink_to(outside)
+    (tiny_run["out"] / "taken.png").mkdir()  # a folder where a PNG should go
     names = ["../escape.png", str(outside / "abs.png"), "link/through_symlink.png", "sub/../../up.png", ".",
              "taken.png", "fine/ok.png"]
-    manifest = tiny["root"] / "m.jsonl"
+    manifest = tiny_run["root"] / "m.jsonl"
     manifest.write_text("".join(json.dumps({"input": f"in/{i:02d}.safetensors", "output": name,
                                             "prompt": SURROGATE_PROMPT}) + "\n" for i, name in enumerate(names)))
-    result, records = run_cli(args(tiny, "--json", inputs=manifest))
+    result, records = run_cli(args(tiny_run, "--json", inputs=manifest))
     assert result.exit_code == 1
     errors = [r["error"] for r in records]
     assert [r["status"] for r in records] == ["failed"] * 6 + ["ok"]
     assert "leaves the output folder" in errors[0] and "is absolute" in errors[1]
     assert "leaves the output folder" in errors[2] and "leaves the output folder" in errors[3]
     assert "not a .png" in errors[4] and "exists and is not a file" in errors[5]
-    assert list(outside.iterdir()) == [] and not (tiny["root"] / "escape.png").exists()
-    assert not (tiny["root"] / "up.png").exists()
-    with Image.open(tiny["out"] / "fine" / "ok.png") as im:  # the unencodable prompt did not fail the image
+    assert list(outside.iterdir()) == [] and not (tiny_run["root"] / "escape.png").exists()
+    assert not (tiny_run["root"] / "up.png").exists()
+    with Image.open(tiny_run["out"] / "fine" / "ok.png") as im:  # the unencodable prompt did not fail the image
         assert im.info["pid:prompt"] == "a caf?"
 
 
-def test_interrupt_during_the_prepass_still_writes_one_record_per_input(tiny, monkeypatch):
-    latents(tiny, 6)
+def test_interrupt_during_the_prepass_still_writes_one_record_per_input(tiny_run, monkeypatch):
+    latents(tiny_run, 6)
     probe = session.probe_input
 
     def interrupted(job, spec):
@@ -379,10 +338,10 @@ def test_interrupt_during_the_prepass_still_writes_one_record_per_input(tiny, mo
         return probe(job, spec)
 
     monkeypatch.setattr(session, "probe_input", interrupted)
-    result, records = run_cli(args(tiny, "--json"))
+    result, records = run_cli(args(tiny_run, "--json"))
     assert result.exit_code == 130 and len(records) == 6 and len(by_input(records)) == 6
     assert all(r["status"] == "failed" and "stopped early" in r["error"] for r in records)
-    assert not tiny["out"].exists() or pngs(tiny["out"]) == {}
+    assert not tiny_run["out"].exists() or pngs(tiny_run["out"]) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,37 +354,37 @@ def _spawn(t, *extra):
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_kill_9_leaves_only_complete_pngs_and_a_rerun_finishes(tiny):
+def test_kill_9_leaves_only_complete_pngs_and_a_rerun_finishes(tiny_run):
     n = 24
-    latents(tiny, n, shape=(16, 6, 6))
-    proc = _spawn(tiny, "--batch-size", "1")
+    latents(tiny_run, n, shape=(16, 6, 6))
+    proc = _spawn(tiny_run, "--batch-size", "1")
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(tiny["out"].glob("*.png")) if tiny["out"].exists() else []) < 2:
+    while time.time() < deadline and len(list(tiny_run["out"].glob("*.png")) if tiny_run["out"].exists() else []) < 2:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    done = pngs(tiny["out"])  # each one loads completely
+    done = pngs(tiny_run["out"])  # each one loads completely
     assert 2 <= len(done) < n
-    assert all(p.endswith(".part") for p in hidden(tiny["out"]))  # at most an abandoned temporary file
-    result, records = run_cli(args(tiny, "--json"))
-    assert result.exit_code == 0 and len(pngs(tiny["out"])) == n and hidden(tiny["out"]) == []
+    assert all(p.endswith(".part") for p in hidden(tiny_run["out"]))  # at most an abandoned temporary file
+    result, records = run_cli(args(tiny_run, "--json"))
+    assert result.exit_code == 0 and len(pngs(tiny_run["out"])) == n and hidden(tiny_run["out"]) == []
     assert sum(r["status"] == "skipped" for r in records) == len(done)
     assert sum(r["status"] == "ok" for r in records) == n - len(done)
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_two_processes_on_one_output_folder_never_both_write_a_file(tiny):
+def test_two_processes_on_one_output_folder_never_both_write_a_file(tiny_run):
     n = 16
-    latents(tiny, n, shape=(16, 3, 3))
-    procs = [_spawn(tiny, "--batch-size", "1", "--json", "--seed", str(k)) for k in (0, 1)]  # seed marks the writer
+    latents(tiny_run, n, shape=(16, 3, 3))
+    procs = [_spawn(tiny_run, "--batch-size", "1", "--json", "--seed", str(k)) for k in (0, 1)]  # seed marks the writer
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     records = [[json.loads(line) for line in o[0].splitlines()] for o in outs]
     assert all(len(r) == n for r in records)
     assert all(r["status"] in ("ok", "skipped") for rs in records for r in rs)
-    files = sorted(tiny["out"].glob("*.png"))
-    assert len(files) == n and hidden(tiny["out"]) == []
+    files = sorted(tiny_run["out"].glob("*.png"))
+    assert len(files) == n and hidden(tiny_run["out"]) == []
     writers = {}
     for p in files:
         with Image.open(p) as im:
@@ -558,33 +517,33 @@ def test_damaged_cache_file_is_detected_and_fetched_again(fake_hub, damage, caps
     assert not again.resolve().exists()
 
 
-def test_an_inputs_unreadable_or_unembedded_prompt_fails_that_input_only(tiny):
-    latents(tiny, 3)
-    (tiny["inputs"] / "00.txt").write_text("a red fox")
-    (tiny["inputs"] / "01.txt").write_bytes(b"\xff\xfe not utf-8")
-    (tiny["inputs"] / "02.txt").write_text("a prompt the embeddings file lacks")
-    result, records = run_cli(args(tiny, "--json"))
+def test_an_inputs_unreadable_or_unembedded_prompt_fails_that_input_only(tiny_run):
+    latents(tiny_run, 3)
+    (tiny_run["inputs"] / "00.txt").write_text("a red fox")
+    (tiny_run["inputs"] / "01.txt").write_bytes(b"\xff\xfe not utf-8")
+    (tiny_run["inputs"] / "02.txt").write_text("a prompt the embeddings file lacks")
+    result, records = run_cli(args(tiny_run, "--json"))
     rec = by_input(records)
     assert result.exit_code == 1 and rec["00.safetensors"]["status"] == "ok"
     assert rec["01.safetensors"]["status"] == "failed" and "01.txt" in rec["01.safetensors"]["error"]
     assert rec["02.safetensors"]["status"] == "failed" and "has no embedding" in rec["02.safetensors"]["error"]
-    assert list(pngs(tiny["out"])) == ["00.png"]
-    (tiny["inputs"] / "00.txt").write_text("yet another prompt")  # nothing left to decode: still clean
-    result, records = run_cli(args(tiny, "--json", "--overwrite"))
+    assert list(pngs(tiny_run["out"])) == ["00.png"]
+    (tiny_run["inputs"] / "00.txt").write_text("yet another prompt")  # nothing left to decode: still clean
+    result, records = run_cli(args(tiny_run, "--json", "--overwrite"))
     assert result.exit_code == 1 and all(r["status"] == "failed" for r in records) and len(records) == 3
 
 
 def test_unencodable_prompt_is_embedded_by_gemma_not_a_crash(tmp_path, monkeypatch):
     import shutil
 
-    from test_text import TINY_GEMMA, _train_tokenizer
+    from helpers import TINY_GEMMA, train_tokenizer
 
     from pid_cli.text import embed_prompts
 
     monkeypatch.setenv("PID_CACHE_DIR", str(tmp_path / "cache"))
     snap = tmp_path / "gemma"
     shutil.copytree(TINY_GEMMA, snap)
-    _train_tokenizer().save(str(snap / "tokenizer.json"))
+    train_tokenizer().save(str(snap / "tokenizer.json"))
     (snap / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "pad_token": "<pad>"}))
     odd = embed_prompts([SURROGATE_PROMPT], text_encoder=snap, device="cpu", model_max_length=300)
     plain = embed_prompts(["a caf?"], text_encoder=snap, device="cpu", model_max_length=300)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_fixture
 
-from pid_cli.model import PiDNet
+from pid_cli.model import PiDConfig, PiDNet
 from pid_cli.model import graphs as graphs_mod
 from pid_cli.sampler import sample
 
@@ -50,14 +50,14 @@ def decodes(fx, batches, seed=0):
 def test_graphed_steps_refill_every_input_and_keep_one_graph_per_signature(monkeypatch):
     captured = stand_in_capture(monkeypatch)
     fx = tiny_fixture("v15_flux2")
-    net = PiDNet(**tiny_config("v15_flux2")).eval()
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     torch.manual_seed(0)
     for p in net.parameters():
         p.data.normal_(0, 0.05)
     net.pixel_chunk = 5
     steps = graphs_mod.StepGraphs(net._velocity)
     net.velocity = lambda x, t, cond: steps(x, t, cond)  # what use_cuda_graphs does on a GPU
-    plain = PiDNet(**tiny_config("v15_flux2")).eval()
+    plain = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     plain.load_state_dict(net.state_dict())
     plain.pixel_chunk = 5
     with torch.inference_mode():
@@ -107,7 +107,7 @@ def test_pit_modulation_split_is_made_again_only_when_the_weights_change():
     """A graph replays the split modulation weights it was captured with, so every decode's `condition` must
     hand the blocks the same tensors; new weights (loaded in place, cast) must still be split anew."""
     fx = tiny_fixture("v15_flux2")
-    net = PiDNet(**tiny_config("v15_flux2")).eval()
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     block = net.pixel_blocks[0]
     args = (fx["y"], fx["lq_latent"], fx["degrade_sigma"], *fx["x"].shape[2:])
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_the_whole_network_traces_as_one_graph_once_the_split_exists():
     `--compile` does. The split's data-pointer check broke that graph in two, and on an H200 Inductor then
     failed on the second part (torch 2.11: 'SymFloat' object has no attribute 'size')."""
     fx = tiny_fixture("v15_flux2")
-    net = PiDNet(**tiny_config("v15_flux2")).eval()
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     for block in net.pixel_blocks:
         block.split_modulation()
     t = torch.full((fx["x"].shape[0],), 999.0)
@@ -159,7 +159,7 @@ def test_compiled_blocks_compile_once_per_output_size_never_per_image():
     from torch._dynamo.testing import CompileCounter
 
     fx = tiny_fixture("v15_flux2")
-    net = PiDNet(**tiny_config("v15_flux2")).eval()
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     counter = CompileCounter()  # counts the graphs Dynamo hands to the compiler, then runs them eagerly
     net.compile_blocks(backend=counter)
     compiled_after = []

@@ -7,14 +7,14 @@ import torch
 from conftest import PARITY, TINY_VARIANTS, tiny_config, tiny_fixture
 from safetensors.torch import load_file
 
-from pid_cli.model import PiDNet, load_weights, read_state_dict
+from pid_cli.model import PiDConfig, PiDNet, load_weights, read_state_dict
 from pid_cli.sampler import sample
 
 WEIGHT_FILES = ("model_ema_bf16.pth", "model_fp32.safetensors")
 
 
 def _net(variant: str, weights: str) -> PiDNet:
-    net = PiDNet(**tiny_config(variant)).eval()
+    net = PiDNet(PiDConfig.from_dict(tiny_config(variant))).eval()
     return load_weights(net, PARITY / variant / weights)
 
 
@@ -70,7 +70,7 @@ def test_bf16_file_equals_fp32_file(variant: str):
 
 def test_flux2_unpatchify_matches_upstream():
     fx = tiny_fixture("v15_flux2")
-    net = PiDNet(**tiny_config("v15_flux2"))
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2")))
     got = net.lq_proj.unpatchify_latent(fx["aux_unpatchify_in"])
     assert torch.equal(got, fx["aux_unpatchify_out"])
 

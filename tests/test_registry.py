@@ -294,7 +294,7 @@ def tiny_registry(tmp_path: Path) -> Path:
 def test_convert_validates_and_writes_safetensors(tmp_path, variant):
     pytest.importorskip("pid_cli.model")
     from pid_cli.convert import convert_checkpoint
-    from pid_cli.model import PiDNet, load_weights, read_state_dict
+    from pid_cli.model import PiDConfig, PiDNet, load_weights, read_state_dict
 
     entry = load_registry([tiny_registry(tmp_path)], use_env=False).get(f"tiny-{variant}")
     src = PARITY / variant / "model_ema_bf16.pth"
@@ -311,7 +311,7 @@ def test_convert_validates_and_writes_safetensors(tmp_path, variant):
     converted = read_state_dict(out)
     assert all(torch.equal(converted[k], original[k]) for k in original)
     with torch.device("meta"):
-        net = PiDNet(**entry.net_config)
+        net = PiDNet(PiDConfig.from_dict(entry.net_config))
     load_weights(net, out)  # strict
     assert [p.name for p in out.parent.iterdir()] == ["model.safetensors"]  # no temp file left
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import PARITY, tiny_config, tiny_fixture
 
-from pid_cli.model import PiDNet, load_weights
+from pid_cli.model import PiDConfig, PiDNet, load_weights
 from pid_cli.sampler import STUDENT_T_LIST, draw_noise, sample, schedule, step
 
 
@@ -55,7 +55,8 @@ def test_sampler_rejects_bad_schedules():
 
 
 def test_seeded_generator_reproduces_and_per_item_generators_are_batch_invariant():
-    net = load_weights(PiDNet(**tiny_config("v1_flux")).eval(), PARITY / "v1_flux" / "model_fp32.safetensors")
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))).eval()
+    net = load_weights(net, PARITY / "v1_flux" / "model_fp32.safetensors")
     fx = tiny_fixture("v1_flux")
     y, lq, sigma = fx["y"], fx["lq_latent"], fx["degrade_sigma"]
 
@@ -88,7 +89,8 @@ def test_one_generator_draws_noise_then_eps_in_order():
 @pytest.mark.parametrize("variant", ["v1_sdxl", "v15_flux2"])
 def test_bf16_policy_stays_close_to_fp32_reference(variant):
     """Matmul weights in bf16, norms/gates/streams fp32 (upstream's autocast flow)."""
-    net = load_weights(PiDNet(**tiny_config(variant)).eval(), PARITY / variant / "model_ema_bf16.pth")
+    net = load_weights(PiDNet(PiDConfig.from_dict(tiny_config(variant))).eval(),
+                       PARITY / variant / "model_ema_bf16.pth")
     net.to_inference_dtype(torch.bfloat16)
     assert net.s_embedder.proj.weight.dtype == torch.bfloat16
     assert net.patch_blocks[0].norm_x1.weight.dtype == torch.float32

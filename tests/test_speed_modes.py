@@ -23,9 +23,9 @@ from pid_cli import pipeline
 from pid_cli.decode import DecodeJob
 from pid_cli.decode.plan import COMPILE_MIN_MEGAPIXELS, Item, auto_batch_size, compile_for, plan_batches
 from pid_cli.kernels import constants, reference
-from pid_cli.model import PiDNet, attention8, layers, linear8
+from pid_cli.model import PiDConfig, PiDNet, attention8, inference, layers, linear8
+from pid_cli.model.inference import FP8_LINEARS
 from pid_cli.model.linear8 import Fp8Linear
-from pid_cli.model.net import FP8_LINEARS
 from pid_cli.pipeline import CompileGate
 from pid_cli.registry import load_registry
 
@@ -116,15 +116,15 @@ def test_head_dim_split():
 
 
 def test_set_attention_validates_mode_head_dims_and_device():
-    net = PiDNet(**tiny_config("v1_flux"))
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v1_flux")))
     with pytest.raises(ValueError, match="expected one of bf16, 8bit"):
-        net.set_attention("fp8")
+        inference.set_attention(net, "fp8")
     with pytest.raises(ValueError, match=r"head dims 64..96; this checkpoint has \[8\]"):
-        net.set_attention("8bit")
+        inference.set_attention(net, "8bit")
     with torch.device("meta"):
-        full = PiDNet(**load_registry().get("flux2-2kto4k-v1.5").net_config)  # head dims 64 and 72
+        full = PiDNet(PiDConfig.from_dict(load_registry().get("flux2-2kto4k-v1.5").net_config))  # head dims 64 and 72
     with pytest.raises(ValueError, match=r"needs an NVIDIA GPU .* on meta"):
-        full.set_attention("8bit")
+        inference.set_attention(full, "8bit")
     modes = {m.attention_mode for m in full.modules() if hasattr(m, "attention_mode")}
     assert modes == {"bf16"}  # a refused switch changes nothing
     assert len([m for m in full.modules() if hasattr(m, "attention_mode")]) == 14 + 2  # every MMDiT and PiT block
@@ -164,7 +164,7 @@ def test_fp8_mode_converts_the_image_token_matmuls_and_nothing_else(monkeypatch)
     cfg = {**tiny_config("v15_flux2"), "hidden_size": 64, "num_groups": 2, "pixel_attn_hidden_size": 32,
            "pixel_num_groups": 2}
     torch.manual_seed(0)
-    net = PiDNet(**cfg).eval()
+    net = PiDNet(PiDConfig.from_dict(cfg)).eval()
     for name, p in net.named_parameters():  # non-zero everywhere, so every matmul reaches the output
         p.data = torch.randn_like(p) * 0.1 if "norm" not in name else torch.ones_like(p)
     net.to_inference_dtype(torch.bfloat16)
@@ -176,7 +176,7 @@ def test_fp8_mode_converts_the_image_token_matmuls_and_nothing_else(monkeypatch)
     with torch.inference_mode():
         bf16_out = net(x, t, y, lq, sigma)
     text_qkv = net.patch_blocks[0].attn.qkv_y.weight
-    net._convert_fp8_linears()  # use_fp8_matmuls refuses the CPU (no speed there); the arithmetic is the same
+    inference.convert_fp8_linears(net)  # use_fp8_matmuls refuses the CPU (no speed there); the arithmetic is the same
     converted = {name for name, m in net.named_modules() if isinstance(m, Fp8Linear)}
     expected = {f"patch_blocks.{i}.{path}" for i in range(cfg["patch_depth"]) for path in FP8_LINEARS[type(
         net.patch_blocks[0])]} | {f"pixel_blocks.{j}.{path}" for j in range(cfg["pixel_depth"])
@@ -198,9 +198,9 @@ def test_fp8_mode_converts_the_image_token_matmuls_and_nothing_else(monkeypatch)
 
 
 def test_use_fp8_matmuls_refuses_a_device_without_8bit_tensor_cores():
-    net = PiDNet(**tiny_config("v1_flux"))
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v1_flux")))
     with pytest.raises(ValueError, match=r"--matmul fp8 needs an NVIDIA GPU .* on cpu"):
-        net.use_fp8_matmuls()
+        inference.use_fp8_matmuls(net)
     assert not any(isinstance(m, Fp8Linear) for m in net.modules())  # refused: nothing converted
 
 
@@ -388,7 +388,7 @@ def test_8bit_mode_runs_every_attention_of_the_network_through_the_quantised_pat
     cfg = {**tiny_config("v1_flux"), "hidden_size": 128, "num_groups": 2,  # head dim 64
            "pixel_attn_hidden_size": 144, "pixel_num_groups": 2}  # head dim 72
     torch.manual_seed(0)
-    net = PiDNet(**cfg).eval()
+    net = PiDNet(PiDConfig.from_dict(cfg)).eval()
     for name, p in net.named_parameters():  # non-zero everywhere, so attention reaches the output
         p.data = torch.randn_like(p) * 0.2 if "norm" not in name else torch.ones_like(p)
     gen = torch.Generator().manual_seed(1)

@@ -21,15 +21,14 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, tiny_flux_entry
+from helpers import alive, all_gone, args, children, hidden, latents, pngs, run_cli, wait_for_pngs
 from PIL import Image
-from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
-from test_workers import _alive, _all_gone, _children, _wait_for_pngs
 
 from pid_cli import pipeline
 from pid_cli.decode import DecodeJob
 from pid_cli.decode import job as decode_job
 from pid_cli.decode.workers import worker_jobs
-from pid_cli.model import PiDNet, load_weights
+from pid_cli.model import PiDConfig, PiDNet, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.registry import load_registry
 
@@ -51,9 +50,9 @@ def inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 def helper_pids() -> set[int]:
     """This process's living children that run a split decoder's helper."""
     found = set()
-    for pid in _children(os.getpid()):
+    for pid in children(os.getpid()):
         try:
-            if b"pid_cli.split" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid):
+            if b"pid_cli.split" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid):
                 found.add(pid)
         except OSError:
             pass
@@ -62,12 +61,12 @@ def helper_pids() -> set[int]:
 
 def test_a_shard_keeps_the_qkv_rows_of_its_heads_only(entry):
     with torch.device("meta"):
-        whole = PiDNet(**entry.net_config)
+        whole = PiDNet(PiDConfig.from_dict(entry.net_config))
     load_weights(whole, entry.weights.path)
     attention = whole.patch_blocks[0].attn
     rows = attention.qkv_x.weight.unflatten(0, (3, 2, -1))  # [q/k/v, heads, head_dim, in]
     with torch.device("meta"):
-        half = PiDNet(**entry.net_config)
+        half = PiDNet(PiDConfig.from_dict(entry.net_config))
     load_weights(half, entry.weights.path)
     half.split_heads(HeadShard(rank=1, world=2, group="unused"))
     kept = half.patch_blocks[0].attn
@@ -152,18 +151,18 @@ def test_worker_jobs_group_devices_by_gpus_per_image():
     assert [j.shard for j in jobs] == [(0, 2), (1, 2)] and all(j.gpus_per_image == 2 for j in jobs)
 
 
-def test_pid_decode_gpus_per_image_writes_the_one_device_pngs(tiny):  # noqa: F811
-    latents(tiny, 3, shape=(16, 2, 3))
-    one = tiny["root"] / "one"
-    result, _ = run_cli([*args(tiny, "--devices", "cpu"), "--out", str(one)])
+def test_pid_decode_gpus_per_image_writes_the_one_device_pngs(tiny_run):
+    latents(tiny_run, 3, shape=(16, 2, 3))
+    one = tiny_run["root"] / "one"
+    result, _ = run_cli([*args(tiny_run, "--devices", "cpu"), "--out", str(one)])
     assert result.exit_code == 0, result.output
-    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--gpus-per-image", "2", "--json"))
+    result, records = run_cli(args(tiny_run, "--devices", "cpu,cpu", "--gpus-per-image", "2", "--json"))
     assert result.exit_code == 0, result.output
     assert [r["status"] for r in records] == ["ok"] * 3
-    expected, got = pngs(one), pngs(tiny["out"])
+    expected, got = pngs(one), pngs(tiny_run["out"])
     assert sorted(got) == sorted(expected) and len(expected) == 3
     assert all(np.array_equal(got[name], expected[name]) for name in expected)
-    runtime = {Image.open(path).info["pid:runtime"] for path in tiny["out"].glob("*.png")}
+    runtime = {Image.open(path).info["pid:runtime"] for path in tiny_run["out"].glob("*.png")}
     assert len(runtime) == 1 and ", cpu x2, float32, " in runtime.pop()  # the PNGs say the image was split
     assert not helper_pids()
 
@@ -183,12 +182,12 @@ def test_one_images_gpus_must_be_distinct():
     ("cpu", "2", "--gpus-per-image 2 must divide the 1 device"),
     ("cpu,cpu,cpu", "3", "3 GPUs.*2 heads"),
 ])
-def test_gpus_per_image_that_cannot_be_arranged_is_a_usage_error(tiny, devices, n, message):  # noqa: F811
-    latents(tiny, 1)
-    result, _ = run_cli(args(tiny, "--devices", devices, "--gpus-per-image", n))
+def test_gpus_per_image_that_cannot_be_arranged_is_a_usage_error(tiny_run, devices, n, message):
+    latents(tiny_run, 1)
+    result, _ = run_cli(args(tiny_run, "--devices", devices, "--gpus-per-image", n))
     assert result.exit_code == 2
     assert re.search(message, " ".join(result.output.split())), result.output
-    assert not tiny["out"].exists() or not any(tiny["out"].iterdir())
+    assert not tiny_run["out"].exists() or not any(tiny_run["out"].iterdir())
 
 
 def test_tiny_config_has_the_head_counts_these_tests_assume():
@@ -198,22 +197,22 @@ def test_tiny_config_has_the_head_counts_these_tests_assume():
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny):  # noqa: F811
+def test_ctrl_c_in_a_terminal_finishes_the_split_decode_in_flight(tiny_run):
     n = 16
-    latents(tiny, n, shape=(16, 6, 6))
-    proc = subprocess.Popen([sys.executable, "-m", "pid_cli.cli", *args(tiny, "--devices", "cpu,cpu",
+    latents(tiny_run, n, shape=(16, 6, 6))
+    proc = subprocess.Popen([sys.executable, "-m", "pid_cli.cli", *args(tiny_run, "--devices", "cpu,cpu",
                                                                           "--gpus-per-image", "2", "--json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for_pngs(tiny, proc, 2)
-    helpers = _children(proc.pid)
+    wait_for_pngs(tiny_run, proc, 2)
+    helpers = children(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group, helpers included
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
-    assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny["out"])) < n
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny_run["inputs"].iterdir())
+    assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny_run["out"])) < n
     assert not any("helper" in (r["error"] or "") for r in records), records  # no decode lost to a helper
-    assert hidden(tiny["out"]) == [] and helpers and _all_gone(helpers)
+    assert hidden(tiny_run["out"]) == [] and helpers and all_gone(helpers)
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
@@ -228,7 +227,7 @@ def test_a_plain_script_without_main_guard_or_close_decodes_split_and_exits(entr
                       "print(dec._helpers.helpers[0].pid)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.split()) == 1 and not _alive(int(done.stdout))  # one decoder, its helper gone
+    assert len(done.stdout.split()) == 1 and not alive(int(done.stdout))  # one decoder, its helper gone
 
 
 def test_a_helper_that_cannot_start_fails_the_decoder_at_once(entry, monkeypatch):

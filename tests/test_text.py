@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CHI_SHA256, FIXTURE, LONG, TINY_GEMMA, train_tokenizer
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from pid_cli import text
@@ -38,12 +39,7 @@ from pid_cli.text import (
     tokenize_captions,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "gemma2_text"
-TINY_GEMMA = FIXTURE / "tiny_gemma2"
-# sha256 of upstream's prefix text (8 lines, "\n"-joined, ending in "User Prompt: ").
-CHI_SHA256 = "62b9ab89eebb0ac5ee4d264bf96bf19d2b81f504bc3852500efeaf5a34d638b1"
 M = 300
-LONG = " ".join(["a red fox jumps over the lazy dog in the snow"] * 60)  # ≫ 299 tokens
 
 
 @pytest.fixture(autouse=True)
@@ -56,21 +52,9 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.delenv("PID_TEXT_ENCODER", raising=False)
 
 
-def _train_tokenizer() -> Tokenizer:
-    """Gemma-like: spaces → "▁", BPE, <pad>=0 <eos>=1 <bos>=2 (the tiny model's ids), BOS added."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  show_progress=False)
-    tok.train_from_iterator([CHI_PREFIX, LONG, "a cat sleeping on a warm windowsill", "A dog"], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return tok
-
-
 @pytest.fixture(scope="module")
 def raw_tokenizer() -> Tokenizer:
-    return _train_tokenizer()
+    return train_tokenizer()
 
 
 @pytest.fixture

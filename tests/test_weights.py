@@ -12,7 +12,7 @@ import torch
 from conftest import PARITY, tiny_config
 from safetensors.torch import save_file
 
-from pid_cli.model import PiDNet, WeightsError, load_weights, read_state_dict
+from pid_cli.model import PiDConfig, PiDNet, WeightsError, load_weights, read_state_dict
 
 MANIFESTS = sorted((PARITY / "manifests").glob("*.json"))
 
@@ -25,7 +25,7 @@ def test_ten_manifests_are_bundled():
 def test_full_size_network_has_the_released_keys_and_shapes(manifest):
     info = json.loads(manifest.read_text())
     with torch.device("meta"):
-        net = PiDNet(**info["net_config"])
+        net = PiDNet(PiDConfig.from_dict(info["net_config"]))
     ours = {k: list(v.shape) for k, v in net.state_dict().items()}
     released = {k.removeprefix("net."): shape for k, (shape, _dtype) in info["state_dict"].items()}
     assert ours == released
@@ -35,7 +35,7 @@ def test_full_size_network_has_the_released_keys_and_shapes(manifest):
 @pytest.mark.parametrize("variant", ["v1_flux", "v15_flux2"])
 def test_meta_built_network_adopts_file_tensors(variant):
     with torch.device("meta"):
-        net = PiDNet(**tiny_config(variant))
+        net = PiDNet(PiDConfig.from_dict(tiny_config(variant)))
     load_weights(net, PARITY / variant / "model_ema_bf16.pth")
     assert not any(p.is_meta for p in net.parameters())
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
@@ -46,7 +46,7 @@ def test_truncated_file_is_refused(tmp_path):
     bad = tmp_path / "model_ema_bf16.pth"
     bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(WeightsError, match="truncated or corrupt"):
-        load_weights(PiDNet(**tiny_config("v1_flux")), bad)
+        load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))), bad)
 
 
 def test_truncated_safetensors_is_refused(tmp_path):
@@ -54,11 +54,11 @@ def test_truncated_safetensors_is_refused(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(src.read_bytes()[:1000])
     with pytest.raises(WeightsError, match="not a readable safetensors"):
-        load_weights(PiDNet(**tiny_config("v1_flux")), bad)
+        load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))), bad)
 
 
 def test_file_of_another_variant_names_what_it_is():
-    net = PiDNet(**tiny_config("v1_flux"))
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v1_flux")))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(WeightsError) as err:
         load_weights(net, PARITY / "v15_flux2" / "model_ema_bf16.pth")
@@ -75,7 +75,7 @@ def test_one_extra_key_is_refused(tmp_path):
     path = tmp_path / "extra.safetensors"
     save_file(state, path)
     with pytest.raises(WeightsError, match=r"unexpected 1: patch_blocks\.0\.extra\.weight"):
-        load_weights(PiDNet(**tiny_config("v1_sdxl")), path)
+        load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_sdxl"))), path)
 
 
 def test_missing_and_misshaped_keys_are_listed(tmp_path):
@@ -85,7 +85,7 @@ def test_missing_and_misshaped_keys_are_listed(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(state, path)
     with pytest.raises(WeightsError) as err:
-        load_weights(PiDNet(**tiny_config("v1_sdxl")), path)
+        load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_sdxl"))), path)
     assert "missing 1: final_layer.linear.bias" in str(err.value)
     assert "y_pos_embedding file [1, 3, 16] vs network [1, 12, 16]" in str(err.value)
 
@@ -95,14 +95,14 @@ def test_training_only_aux_head_in_a_file_is_ignored(tmp_path):
     state["lq_proj.lq_aux_rgb_head.3.weight"] = torch.zeros(48, 8)
     path = tmp_path / "with_aux.safetensors"
     save_file(state, path)
-    load_weights(PiDNet(**tiny_config("v15_flux")), path)
+    load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), path)
 
 
 def test_unprefixed_and_wrapped_pickles_load(tmp_path):
     state = read_state_dict(PARITY / "v1_flux" / "model_ema_bf16.pth")
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": state}, path)
-    load_weights(PiDNet(**tiny_config("v1_flux")), path)
+    load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))), path)
 
 
 class _Exploit:
@@ -130,7 +130,7 @@ def test_not_a_decoder_file(tmp_path):
     path = tmp_path / "vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, path)
     with pytest.raises(WeightsError, match="not a PiD decoder"):
-        load_weights(PiDNet(**tiny_config("v1_flux")), path)
+        load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))), path)
 
 
 def test_missing_file(tmp_path):
@@ -141,18 +141,18 @@ def test_missing_file(tmp_path):
 def test_config_fields():
     cfg = tiny_config("v15_flux")
     assert cfg["repa_encoder_index"] == 2 and cfg["lq_aux_rgb_head"] is True  # accepted and ignored
-    net = PiDNet(**cfg)
+    net = PiDNet(PiDConfig.from_dict(cfg))
     assert not any("aux" in k for k in net.state_dict())
     with pytest.raises(ValueError, match="enable_ed"):
-        PiDNet(**{**cfg, "enable_ed": True})
+        PiDNet(PiDConfig.from_dict({**cfg, "enable_ed": True}))
     with pytest.raises(TypeError, match=r"unknown configuration field.*bogus"):
-        PiDNet(**cfg, bogus=1)
+        PiDNet(PiDConfig.from_dict({**cfg, "bogus": 1}))
     with pytest.raises(ValueError, match="lq_gate_type"):
-        PiDNet(**{**cfg, "lq_gate_type": "sigma_aware_per_token_and_dim"})
+        PiDNet(PiDConfig.from_dict({**cfg, "lq_gate_type": "sigma_aware_per_token_and_dim"}))
 
 
 def test_copy_of_fixture_dir_loads(tmp_path):
     """Loading never depends on the file's name or folder."""
     dst = tmp_path / "renamed.pth"
     shutil.copy(PARITY / "v15_flux" / "model_ema_bf16.pth", dst)
-    load_weights(PiDNet(**tiny_config("v15_flux")), dst)
+    load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), dst)

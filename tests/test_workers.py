@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_faults import args, hidden, latents, pngs, run_cli, tiny  # noqa: F401 - `tiny` is a fixture
+from helpers import all_gone, args, children, hidden, latents, pngs, run_cli, spawn_decode, wait_for_pngs
 
 from pid_cli.decode import DecodeJob
 from pid_cli.decode.workers import worker_jobs
@@ -38,127 +35,82 @@ def test_workers_split_the_runs_own_shard_round_robin(tmp_path):
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_two_workers_decode_what_one_device_does_and_the_parent_writes_every_record(tiny):  # noqa: F811
+def test_two_workers_decode_what_one_device_does_and_the_parent_writes_every_record(tiny_run):
     n = 7
-    latents(tiny, n, shape=(16, 3, 3))
-    one = tiny["root"] / "one"
-    result, _ = run_cli([*args(tiny, "--devices", "cpu"), "--out", str(one)])
+    latents(tiny_run, n, shape=(16, 3, 3))
+    one = tiny_run["root"] / "one"
+    result, _ = run_cli([*args(tiny_run, "--devices", "cpu"), "--out", str(one)])
     assert result.exit_code == 0, result.output
-    manifest = tiny["root"] / "records.jsonl"
-    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--json", "--manifest-out", str(manifest)))
+    manifest = tiny_run["root"] / "records.jsonl"
+    result, records = run_cli(args(tiny_run, "--devices", "cpu,cpu", "--json", "--manifest-out", str(manifest)))
     assert result.exit_code == 0, result.output
-    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny_run["inputs"].iterdir())
     assert all(r["status"] == "ok" for r in records)
     assert [json.loads(line) for line in manifest.read_text().splitlines()] == records
     assert result.output.count("is outside the trained sizes") == 1  # both workers met it; said once
     assert result.output.count(f"pid decode: {n} input(s): {n} decoded, 0 failed") == 1  # the parent sums up
-    expected, got = pngs(one), pngs(tiny["out"])
+    expected, got = pngs(one), pngs(tiny_run["out"])
     assert sorted(got) == sorted(expected) and len(expected) == n
     assert all(np.array_equal(got[name], expected[name]) for name in expected)  # seeds follow the input, not the device
 
 
-def _spawn(t, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pid_cli.cli", *args(t, *extra)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _wait_for_pngs(t, proc: subprocess.Popen, count: int) -> None:
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list(t["out"].glob("*.png")) if t["out"].exists() else []) < count:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-
-
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_a_killed_workers_inputs_are_recorded_as_failed(tiny):  # noqa: F811
+def test_a_killed_workers_inputs_are_recorded_as_failed(tiny_run):
     n = 24
-    latents(tiny, n, shape=(16, 6, 6))
-    proc = _spawn(tiny, "--devices", "cpu,cpu", "--batch-size", "1", "--json")
-    _wait_for_pngs(tiny, proc, 2)
-    workers = _children(proc.pid)  # the two workers (and multiprocessing's resource tracker)
+    latents(tiny_run, n, shape=(16, 6, 6))
+    proc = spawn_decode(tiny_run, "--devices", "cpu,cpu", "--batch-size", "1", "--json")
+    wait_for_pngs(tiny_run, proc, 2)
+    workers = children(proc.pid)  # the two workers (and multiprocessing's resource tracker)
     assert len(workers) >= 2
     os.kill(max(workers), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())  # one each
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny_run["inputs"].iterdir())  # one each
     lost = [r for r in records if r["status"] == "failed"]
     assert lost and all("exited with code -9" in r["error"] for r in lost)
     # every PNG is complete (pngs() loads them) and every input recorded done has its own. A SIGKILL can land
     # after a PNG's atomic rename but before its record left the worker's queue: that input is recorded failed
     # while its complete PNG stays, which a rerun then skips.
-    written = pngs(tiny["out"])
+    written = pngs(tiny_run["out"])
     done = {Path(o).name for r in records if r["status"] != "failed" for o in r["outputs"]}
     assert len(done) == n - len(lost) and done <= set(written) and len(written) <= n
-    result, _ = run_cli(args(tiny, "--json"))  # and a rerun finishes the job
-    assert result.exit_code == 0 and len(pngs(tiny["out"])) == n and hidden(tiny["out"]) == []
+    result, _ = run_cli(args(tiny_run, "--json"))  # and a rerun finishes the job
+    assert result.exit_code == 0 and len(pngs(tiny_run["out"])) == n and hidden(tiny_run["out"]) == []
 
 
 @pytest.mark.slow  # a subprocess, signal or compile test: seconds of wall time
-def test_ctrl_c_stops_every_worker_with_one_record_per_input(tiny):  # noqa: F811
+def test_ctrl_c_stops_every_worker_with_one_record_per_input(tiny_run):
     n = 24
-    latents(tiny, n, shape=(16, 6, 6))
-    proc = _spawn(tiny, "--devices", "cpu,cpu", "--batch-size", "1", "--json")
-    _wait_for_pngs(tiny, proc, 2)
-    workers = _children(proc.pid)
+    latents(tiny_run, n, shape=(16, 6, 6))
+    proc = spawn_decode(tiny_run, "--devices", "cpu,cpu", "--batch-size", "1", "--json")
+    wait_for_pngs(tiny_run, proc, 2)
+    workers = children(proc.pid)
     assert len(workers) >= 2
     proc.send_signal(signal.SIGINT)  # the parent only, as `kill -INT`; a terminal's Ctrl-C reaches all
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny_run["inputs"].iterdir())
     assert {r["status"] for r in records} <= {"ok", "failed"}
-    assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny["out"])) < n
-    assert hidden(tiny["out"]) == [] and _all_gone(workers)
+    assert sum(r["status"] == "ok" for r in records) == len(pngs(tiny_run["out"])) < n
+    assert hidden(tiny_run["out"]) == [] and all_gone(workers)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _all_gone(pids: list[int], within_s: float = 10.0) -> bool:
-    """Whether every process in `pids` has ended within `within_s`. Multiprocessing's resource tracker (one of a
-    multi-device run's children) exits when the parent's end closes its pipe, so on a loaded machine it can
-    still be tearing down the instant the parent's exit code arrives; a process left behind stays alive."""
-    deadline = time.monotonic() + within_s
-    while any(_alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def test_a_workers_configuration_error_is_the_runs_usage_error(tiny):  # noqa: F811
-    latents(tiny, 4, shape=(16, 2, 2))
-    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--matmul", "fp8", "--json"))
+def test_a_workers_configuration_error_is_the_runs_usage_error(tiny_run):
+    latents(tiny_run, 4, shape=(16, 2, 2))
+    result, records = run_cli(args(tiny_run, "--devices", "cpu,cpu", "--matmul", "fp8", "--json"))
     assert result.exit_code == 2 and "--matmul fp8 needs an NVIDIA GPU" in result.output
     assert all(r["status"] == "failed" and "exited" not in r["error"] for r in records)  # stopped, not killed
-    assert not tiny["out"].exists() or not pngs(tiny["out"])
+    assert not tiny_run["out"].exists() or not pngs(tiny_run["out"])
 
 
-def test_fail_fast_in_one_worker_stops_the_others(tiny):  # noqa: F811
+def test_fail_fast_in_one_worker_stops_the_others(tiny_run):
     n = 16
-    latents(tiny, n, shape=(16, 6, 6))
-    torch.save({"x": "not a tensor"}, tiny["inputs"] / "00_bad.pt")  # sorts first: worker 0's first input
-    result, records = run_cli(args(tiny, "--devices", "cpu,cpu", "--batch-size", "1", "--json", "--fail-fast"))
+    latents(tiny_run, n, shape=(16, 6, 6))
+    torch.save({"x": "not a tensor"}, tiny_run["inputs"] / "00_bad.pt")  # sorts first: worker 0's first input
+    result, records = run_cli(args(tiny_run, "--devices", "cpu,cpu", "--batch-size", "1", "--json", "--fail-fast"))
     assert result.exit_code == 1
-    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny["inputs"].iterdir())
+    assert sorted(r["input"] for r in records) == sorted(str(p) for p in tiny_run["inputs"].iterdir())
     assert sum(r["status"] == "ok" for r in records) < n  # the other worker stopped early too
     assert any(r["error"] == "not decoded: the run stopped early" for r in records)

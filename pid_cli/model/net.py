@@ -7,7 +7,6 @@ released `model_ema_bf16.pth` files load without conversion. The network in word
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
-from pid_cli.model import attention8, heads, inductor, layers, linear8
+from pid_cli.model import heads, inductor, layers, linear8
+from pid_cli.model.config import GATE_PER_DIM, PiDConfig
 from pid_cli.model.graphs import StepGraphs
 from pid_cli.model.heads import HeadShard, gather_heads
 from pid_cli.model.layers import (
@@ -61,7 +61,7 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attention_mode = "bf16"  # see PiDNet.set_attention
+        self.attention_mode = "bf16"  # see inference.set_attention
         self.head_dim = head_dim = dim // heads
         self.qkv_x = Linear(dim, 3 * dim, bias=False)
         self.qkv_y = Linear(dim, 3 * dim, bias=False)
@@ -138,7 +138,7 @@ class PixelAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attention_mode = "bf16"  # see PiDNet.set_attention
+        self.attention_mode = "bf16"  # see inference.set_attention
         self.head_dim = dim // heads
         self.qkv = Linear(dim, 3 * dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
@@ -175,7 +175,7 @@ class PiTBlock(nn.Module):
         self.norm2 = RMSNorm(pixel_dim)
         self.mlp = GeluMLP(pixel_dim, 4 * pixel_dim)
         self.adaLN_modulation = nn.Sequential(Linear(cond_dim, 6 * pixel_dim * p2))
-        self.matmul_mode = "bf16"  # see PiDNet.use_fp8_matmuls
+        self.matmul_mode = "bf16"  # see inference.use_fp8_matmuls
         self._split: tuple[tuple[Tensor | None, ...], ...] | None = None
         self._split_source: tuple | None = None  # the weights _split was made from
 
@@ -266,82 +266,40 @@ def pixel_sincos_tables(dim: int, height: int, width: int,
     return table(width), table(height)
 
 
-# The image-token Linears of each block that `PiDNet.use_fp8_matmuls` converts (see model/linear8.py).
-FP8_LINEARS = {MMDiTBlock: ("attn.qkv_x", "attn.proj_x", "mlp_x.w1", "mlp_x.w3", "mlp_x.w2"),
-               PiTBlock: ("compress_to_attn", "expand_from_attn", "attn.qkv", "attn.proj")}
-
-# Upstream config fields that only matter for training; accepted and ignored.
-_TRAINING_ONLY = {"repa_encoder_index", "train_lq_proj_only", "zero_init_lq", "num_text_blocks",
-                  "lq_aux_rgb_head", "lq_aux_rgb_head_latent_block_idx", "enable_ed", "ed_compress_ratio",
-                  "ed_depth_per_stage", "ed_window_size", "ed_num_heads", "ed_hidden_size",
-                  "ed_use_token_shuffle"}
-_GATE_TYPES = {"sigma_aware_per_token_per_dim": True, "sigma_aware_per_token": False}
-
-
 class PiDNet(nn.Module):
     """The PiD decoder network. `forward(x, t·1000, y, lq_latent, degrade_sigma)` → velocity ε − x0.
 
-    Accepts upstream's configuration field names (a resolved `PidNet` config). Training-only
-    fields are ignored; settings inference cannot honour are rejected.
+    Its hyper-parameters are a `PiDConfig` (model/config.py; `PiDConfig.from_dict` reads a registry
+    `net_config`). The speed modes (attention mode, FP8 matmuls) are switched on by model/inference.py.
     """
 
-    def __init__(self, *, in_channels: int = 3, num_groups: int = 24, hidden_size: int = 1536,
-                 pixel_hidden_size: int = 16, pixel_attn_hidden_size: int | None = 1152,
-                 pixel_num_groups: int | None = 16, patch_depth: int = 14, pixel_depth: int = 2,
-                 patch_size: int = 16, txt_embed_dim: int = 2304, txt_max_length: int = 300,
-                 use_text_rope: bool = True, text_rope_theta: float = 10000.0, rope_mode: str = "ntk_aware",
-                 rope_ref_h: int = 1024, rope_ref_w: int = 1024, lq_inject_mode: str = "controlnet",
-                 lq_in_channels: int = 0, lq_latent_channels: int = 16, lq_hidden_dim: int = 512,
-                 lq_num_res_blocks: int = 4, lq_latent_unpatchify_factor: int = 1,
-                 lq_conv_padding_mode: str = "zeros", lq_gate_type: str = "sigma_aware_per_token_per_dim",
-                 lq_interval: int = 2, sr_scale: int = 4, latent_spatial_down_factor: int = 8,
-                 pit_lq_inject: bool = False, **training_only):
+    def __init__(self, config: PiDConfig):
         super().__init__()
-        _check_config(training_only, rope_mode, lq_inject_mode, lq_in_channels, lq_gate_type,
-                      lq_conv_padding_mode, pixel_hidden_size, pixel_depth)
-        ratio = sr_scale * latent_spatial_down_factor / lq_latent_unpatchify_factor / patch_size
-        if ratio <= 1:
-            raise ValueError(f"latent→patch-grid ratio {ratio:g} ≤ 1 (sr_scale·latent_spatial_down_factor/"
-                             "unpatchify/patch_size) is not a released configuration and is not supported")
-        pixel_attn_hidden_size = pixel_attn_hidden_size or hidden_size
-        pixel_num_groups = pixel_num_groups or num_groups
-
-        self.in_channels = in_channels
-        self.hidden_size = hidden_size
-        self.num_groups = num_groups
-        self.patch_size = patch_size
-        self.pixel_hidden_size = pixel_hidden_size
-        self.pixel_head_dim = pixel_attn_hidden_size // pixel_num_groups
-        self.txt_max_length = txt_max_length
-        self.use_text_rope = use_text_rope
-        self.text_rope_theta = text_rope_theta
-        ntk = rope_mode == "ntk_aware"
-        self.rope_ref_grid = (rope_ref_h // patch_size, rope_ref_w // patch_size) if ntk else (None, None)
-        self.lq_interval = lq_interval
-        self.sr_scale = sr_scale
-        self.latent_spatial_down_factor = latent_spatial_down_factor
-        self.lq_latent_channels = lq_latent_channels
-        self.lq_latent_unpatchify_factor = lq_latent_unpatchify_factor
+        self.config = cfg = config
+        dim, p, pixel_heads = cfg.hidden_size, cfg.patch_size, cfg.attention_heads[1]
+        self.patch_size = p
+        self.pixel_head_dim = cfg.pixel_attn_dim // pixel_heads
+        ntk = cfg.rope_mode == "ntk_aware"
+        self.rope_ref_grid = (cfg.rope_ref_h // p, cfg.rope_ref_w // p) if ntk else (None, None)
         self.pixel_chunk = 8192  # patch tokens per chunk of per-pixel work (2 chunks at 2K, 8 at 4K)
 
-        self.pixel_embedder = LinearEmbedder(in_channels, pixel_hidden_size)
-        self.s_embedder = LinearEmbedder(in_channels * patch_size**2, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LinearEmbedder(txt_embed_dim, hidden_size, norm=True)
-        self.y_pos_embedding = nn.Parameter(torch.zeros(1, txt_max_length, hidden_size))
-        mlp_hidden = int(2 * (4 * hidden_size) / 3)  # SwiGLU keeps the parameter count of a 4× MLP
-        self.patch_blocks = nn.ModuleList(MMDiTBlock(hidden_size, num_groups, mlp_hidden)
-                                          for _ in range(patch_depth))
+        self.pixel_embedder = LinearEmbedder(cfg.in_channels, cfg.pixel_hidden_size)
+        self.s_embedder = LinearEmbedder(cfg.in_channels * p**2, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.y_embedder = LinearEmbedder(cfg.txt_embed_dim, dim, norm=True)
+        self.y_pos_embedding = nn.Parameter(torch.zeros(1, cfg.txt_max_length, dim))
+        mlp_hidden = int(2 * (4 * dim) / 3)  # SwiGLU keeps the parameter count of a 4× MLP
+        self.patch_blocks = nn.ModuleList(MMDiTBlock(dim, cfg.num_groups, mlp_hidden) for _ in range(cfg.patch_depth))
         self.pixel_blocks = nn.ModuleList(
-            PiTBlock(pixel_hidden_size, hidden_size, patch_size, pixel_attn_hidden_size, pixel_num_groups)
-            for _ in range(pixel_depth))
-        self.final_layer = FinalLayer(pixel_hidden_size, in_channels)
-        per_dim = _GATE_TYPES[lq_gate_type]
+            PiTBlock(cfg.pixel_hidden_size, dim, p, cfg.pixel_attn_dim, pixel_heads)
+            for _ in range(cfg.pixel_depth))
+        self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels)
+        per_dim = GATE_PER_DIM[cfg.lq_gate_type]
         self.lq_proj = LQProjection(
-            lq_latent_channels, lq_latent_unpatchify_factor, lq_hidden_dim, hidden_size, lq_num_res_blocks,
-            num_heads=math.ceil(patch_depth / lq_interval), gate_per_dim=per_dim,
-            padding_mode=lq_conv_padding_mode, pit_head=pit_lq_inject)
-        self.pit_lq_gate = SigmaGate(hidden_size, per_dim) if pit_lq_inject else None
+            cfg.lq_latent_channels, cfg.lq_latent_unpatchify_factor, cfg.lq_hidden_dim, dim, cfg.lq_num_res_blocks,
+            num_heads=math.ceil(cfg.patch_depth / cfg.lq_interval), gate_per_dim=per_dim,
+            padding_mode=cfg.lq_conv_padding_mode, pit_head=cfg.pit_lq_inject)
+        self.pit_lq_gate = SigmaGate(dim, per_dim) if cfg.pit_lq_inject else None
         self._step_graphs: StepGraphs | None = None  # see use_cuda_graphs
 
     def compile_blocks(self, **options) -> PiDNet:
@@ -378,10 +336,10 @@ class PiDNet(nn.Module):
 
     @staticmethod
     def attention_heads(net_config: dict) -> tuple[int, int]:
-        """(patch, pixel) attention heads of the network `net_config` builds, without building it."""
-        defaults = inspect.signature(PiDNet.__init__).parameters
-        num_groups = net_config.get("num_groups", defaults["num_groups"].default)
-        return num_groups, net_config.get("pixel_num_groups", defaults["pixel_num_groups"].default) or num_groups
+        """(patch, pixel) attention heads of the network `net_config` builds, without building it (nor checking
+        the rest of it: that is the network's build's job)."""
+        heads_config = {k: net_config[k] for k in ("num_groups", "pixel_num_groups") if k in net_config}
+        return PiDConfig(**heads_config).attention_heads
 
     def split_heads(self, shard: HeadShard) -> PiDNet:
         """Keep this device's share of every attention's heads (model/heads.py); call before the FP8
@@ -409,46 +367,8 @@ class PiDNet(nn.Module):
                 param.data = param.data.to(target)
         return self
 
-    def set_attention(self, mode: str) -> PiDNet:
-        """Pick the attention arithmetic: "bf16" (SDPA, cuDNN first; exact in an fp32 network) or the
-        opt-in "8bit" kernel (INT8 Q·K, FP8 P·V; Ada/Hopper GPUs; its speed and error per card:
-        docs/performance.md#speed-modes). Set before the first decode: compiled graphs keep the mode they saw."""
-        if mode not in layers.ATTENTION_MODES:
-            raise ValueError(f"attention mode {mode!r}: expected one of {', '.join(layers.ATTENTION_MODES)}")
-        modules = [m for m in self.modules() if hasattr(m, "attention_mode")]
-        if mode == "8bit":
-            dims = sorted({m.head_dim for m in modules})
-            if not all(attention8.supported(d) for d in dims):
-                raise ValueError(f"--attention 8bit supports head dims {attention8.MIN_HEAD_DIM}.."
-                                 f"{attention8.MAX_HEAD_DIM}; this checkpoint has {dims}")
-            self._require_8bit_tensor_cores("--attention 8bit")
-            if not layers.HAS_TRITON:
-                raise ValueError("--attention 8bit runs a Triton kernel, and Triton is not installed (pip install "
-                                 "triton)")
-        for module in modules:
-            module.attention_mode = mode
-        return self
-
-    def use_fp8_matmuls(self) -> PiDNet:
-        """The opt-in `--matmul fp8` mode: convert the image-token matmuls (and the PiT modulation) to FP8
-        with per-channel weight and per-token activation scales. One-way (the bf16 weights are dropped);
-        call after loading, before the first decode. Ada/Hopper GPUs."""
-        self._require_8bit_tensor_cores("--matmul fp8")
-        linear8.probe(next(self.parameters()).device)
-        return self._convert_fp8_linears()
-
-    def _convert_fp8_linears(self) -> PiDNet:
-        for block in [*self.patch_blocks, *self.pixel_blocks]:
-            for path in FP8_LINEARS[type(block)]:
-                parent, _, name = path.rpartition(".")
-                owner = block.get_submodule(parent)
-                setattr(owner, name, linear8.Fp8Linear(getattr(owner, name)))
-        for block in self.pixel_blocks:
-            block.matmul_mode = "fp8"
-            block._split = None  # re-split (and quantise) on the next decode
-        return self
-
     def _require_8bit_tensor_cores(self, flag: str) -> None:
+        """model/inference.py's check before an 8-bit mode (a method so that tests can lift it on a CPU)."""
         device = next(self.parameters()).device
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError(f"{flag} needs an NVIDIA GPU with 8-bit tensor cores (Ada/Hopper or newer); "
@@ -463,19 +383,20 @@ class PiDNet(nn.Module):
         if height % p or width % p:
             raise ValueError(f"image size {height}×{width} is not a multiple of the patch size {p}")
         gh, gw = height // p, width // p
-        n_txt = min(self.txt_max_length, y.shape[1])
+        cfg = self.config
+        n_txt = min(cfg.txt_max_length, y.shape[1])
         device = y.device
         for block in self.pixel_blocks:
             block.split_modulation()
-        head_dim = self.hidden_size // self.num_groups
-        cols, rows = pixel_sincos_tables(self.pixel_hidden_size, height, width, device)
+        head_dim = cfg.hidden_size // cfg.num_groups
+        cols, rows = pixel_sincos_tables(cfg.pixel_hidden_size, height, width, device)
         return Conditioning(
             text=self.y_embedder(y[:, :n_txt]) + self.y_pos_embedding[:, :n_txt],  # [B, T, D]
             lq_tokens=self.lq_proj.tokens(lq_latent, gh, gw) if lq_latent is not None else None,
             sigma=degrade_sigma.float(),
             grid=(gh, gw),
             rope_x=rope_2d(head_dim, gh, gw, *self.rope_ref_grid, device=device),
-            rope_y=rope_1d(head_dim, n_txt, self.text_rope_theta, device=device) if self.use_text_rope else None,
+            rope_y=rope_1d(head_dim, n_txt, cfg.text_rope_theta, device=device) if cfg.use_text_rope else None,
             rope_pix=rope_2d(self.pixel_head_dim, gh, gw, *self.rope_ref_grid, device=device),
             pos_cols=cols, pos_rows=rows)
 
@@ -501,7 +422,7 @@ class PiDNet(nn.Module):
         last = len(self.patch_blocks) - 1
         pending = None
         for i, block in enumerate(self.patch_blocks):
-            k, rem = divmod(i, self.lq_interval)
+            k, rem = divmod(i, self.config.lq_interval)
             lq = None
             if rem == 0 and k < len(heads):
                 lq = (self.lq_proj.gate_modules[k], heads[k](cond.lq_tokens), cond.sigma)
@@ -550,27 +471,3 @@ class PiDNet(nn.Module):
                          cond.pos_rows[rows][:, :, None].expand(-1, -1, p, -1)], dim=-1)  # [n, P, P, C]
         return narrow_linear(self.pixel_embedder.proj, rgb) + pos.view(rgb.shape[0], p * p, 2 * half)
 
-
-def _check_config(training_only: dict, rope_mode: str, lq_inject_mode: str, lq_in_channels: int,
-                  lq_gate_type: str, padding_mode: str, pixel_hidden_size: int, pixel_depth: int) -> None:
-    unknown = set(training_only) - _TRAINING_ONLY
-    if unknown:
-        raise TypeError(f"PiDNet got unknown configuration field(s): {', '.join(sorted(unknown))}")
-    if training_only.get("enable_ed"):
-        raise ValueError("enable_ed=True (encoder-decoder token compression) is a training experiment that no "
-                         "released checkpoint uses; pid does not implement it")
-    if rope_mode not in ("ntk_aware", "original"):
-        raise ValueError(f"rope_mode must be 'ntk_aware' or 'original', got {rope_mode!r}")
-    if lq_inject_mode != "controlnet":
-        raise ValueError(f"lq_inject_mode must be 'controlnet' (the only released mode), got {lq_inject_mode!r}")
-    if lq_in_channels:
-        raise ValueError("lq_in_channels > 0 (an LQ RGB image branch) is not used by any released checkpoint "
-                         "and is not supported")
-    if lq_gate_type not in _GATE_TYPES:
-        raise ValueError(f"lq_gate_type must be one of {sorted(_GATE_TYPES)}, got {lq_gate_type!r}")
-    if padding_mode not in ("zeros", "replicate"):
-        raise ValueError(f"lq_conv_padding_mode must be 'zeros' or 'replicate', got {padding_mode!r}")
-    if pixel_hidden_size % 4:
-        raise ValueError(f"pixel_hidden_size must be a multiple of 4 (2D sin-cos embedding), got {pixel_hidden_size}")
-    if pixel_depth <= 0:
-        raise ValueError("pixel_depth must be > 0")
