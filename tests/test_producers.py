@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import PARITY, tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -28,7 +26,6 @@ from pid_cli.inputs import collect_inputs
 from pid_cli.latents import LatentError, read_as_pid, read_latent_file, scale_warning
 from pid_cli.prompts import metadata_prompt
 from pid_cli.registry import load_registry
-from pid_cli.text import save_prompt_embeds
 
 REG = load_registry(use_env=False)
 ENTRIES = {"sdxl": "sdxl-2kto4k-v1", "sd3": "sd3-2k", "flux": "flux-2k", "flux2": "flux2-2k",
@@ -166,17 +163,9 @@ def _png_text_chunks(path: Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    """The tiny upstream v1_flux decoder as a registry entry (8 px per latent cell, ×4), prompt embeddings."""
-    reg = tmp_path / "registry.yaml"
-    entry = {"id": "tiny-flux", "base": "flux-2k", "variant": "tiny",
-             "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"), "net_config": tiny_config("v1_flux"),
-             "output_sizes": {"buckets": ["64x64"], "multiple_of": 16}}
-    reg.write_text(yaml.safe_dump({"version": 1, "entries": [entry]}))
-    emb = tmp_path / "emb.safetensors"
-    save_prompt_embeds(emb, [""], _randn(1, 12, 32))
-    (tmp_path / "in").mkdir()
-    return {"reg": reg, "emb": emb, "in": tmp_path / "in", "out": tmp_path / "out"}
+def tiny(tiny_run):
+    """conftest's tiny decoder run, its input folder also under "in"."""
+    return {**tiny_run, "in": tiny_run["inputs"]}
 
 
 def _decode(tiny, *inputs: str, extra: tuple[str, ...] = ()):

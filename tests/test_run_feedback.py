@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import PARITY, tiny_config
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -30,16 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    reg = tmp_path / "registry.yaml"
-    entry = {"id": "tiny-flux", "base": "flux-2k", "variant": "tiny",
-             "path": str(PARITY / "v1_flux" / "model_fp32.safetensors"), "net_config": tiny_config("v1_flux"),
-             "output_sizes": {"buckets": ["64x64"], "multiple_of": 16}}
-    reg.write_text(yaml.safe_dump({"version": 1, "entries": [entry]}))
-    emb = tmp_path / "emb.safetensors"
-    save_prompt_embeds(emb, [""], torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(0)))
-    (tmp_path / "in").mkdir()
-    return {"reg": reg, "emb": emb, "in": tmp_path / "in", "out": tmp_path / "out", "root": tmp_path}
+def tiny(tiny_run):
+    """conftest's tiny decoder run, its input folder also under "in"."""
+    return {**tiny_run, "in": tiny_run["inputs"]}
 
 
 def _decode(t, *extra: str, inputs: list[str] | None = None):
