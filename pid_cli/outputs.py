@@ -20,8 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
 
 try:
     import fcntl
@@ -31,6 +33,67 @@ except ImportError:  # Windows: no advisory locks; clean_partials falls back to 
 
 class OutputExists(FileExistsError):
     """The output appeared while we were decoding (another process wrote it)."""
+
+
+# ---- decoded images → PNG samples ------------------------------------------------------------------------
+
+
+def to_uint(images: Tensor, bit_depth: int = 8) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] uint8/uint16, rounded to nearest (upstream's
+    demos truncate, which darkens every pixel by half a level on average)."""
+    return _png_levels(_device_levels(images, bit_depth).cpu().numpy())
+
+
+def finite_items(images: Tensor) -> Tensor:
+    """[B, ...] → [B] bool: whether each item is free of NaN and Inf (which a PNG would show as black)."""
+    return torch.isfinite(images.flatten(1)).all(1)
+
+
+def _device_levels(images: Tensor, bit_depth: int) -> Tensor:
+    """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] levels on the images' device, in the narrowest type that copies:
+    uint8, or for 16 bits int16 holding level − 32768 (torch has no uint16 arithmetic on GPUs)."""
+    top = 255 if bit_depth == 8 else 65535
+    scaled = ((images.float().clamp(-1, 1) + 1) * (top / 2)).round().permute(0, 2, 3, 1)
+    levels = scaled.to(torch.uint8) if bit_depth == 8 else (scaled - 32768).to(torch.int16)
+    return levels.contiguous()
+
+
+def _png_levels(levels: np.ndarray) -> np.ndarray:
+    """`_device_levels`' values as PNG samples: uint8 as they are; int16 level − 32768 back to uint16
+    (the same 16 bits with the top one flipped)."""
+    return levels if levels.dtype == np.uint8 else levels.view(np.uint16) ^ np.uint16(0x8000)
+
+
+class HostPixels:
+    """A batch's PNG-ready pixels on their way to host memory.
+
+    Why: `pid decode` encodes PNGs in writer threads. Copying a decoded batch out synchronously would
+    leave the GPU idle while the decode thread waits for the copy and then prepares the next batch; here
+    the conversion and the copy into pinned memory are queued behind the decode, and only the writer that
+    reads an image waits for them.
+    """
+
+    def __init__(self, images: Tensor, bit_depth: int = 8):
+        levels = _device_levels(images, bit_depth)  # [B, H, W, 3]
+        finite = finite_items(images)  # [B]
+        self._copied: torch.cuda.Event | None = None
+        if images.is_cuda:
+            self._levels = torch.empty(levels.shape, dtype=levels.dtype, pin_memory=True)
+            self._finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+            self._levels.copy_(levels, non_blocking=True)
+            self._finite.copy_(finite, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(images.device))
+        else:
+            self._levels, self._finite = levels, finite
+
+    def get(self, index: int) -> np.ndarray | None:
+        """Item `index` as [H, W, 3] uint8/uint16, or None when its pixels hold NaN or Inf."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        if not bool(self._finite[index]):
+            return None
+        return _png_levels(self._levels[index].numpy())
 
 
 def encode_png(image: np.ndarray, text: dict[str, str] | None = None, compress_level: int = 4,

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_decode import prepare  # noqa: E402
 
-from pid_cli.pipeline import Decoder, to_uint  # noqa: E402
+from pid_cli.outputs import to_uint  # noqa: E402
+from pid_cli.pipeline import Decoder  # noqa: E402
 from pid_cli.registry import load_registry  # noqa: E402
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pid_cli.model import PiDConfig, PiDNet, load_weights
 from pid_cli.model.layers import fast_attention
-from pid_cli.pipeline import HostPixels, to_uint
+from pid_cli.outputs import HostPixels, to_uint
 from pid_cli.sampler import STUDENT_T_LIST, sample, step
 
 PARITY = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pid_parity"

@@ -23,7 +23,8 @@ from pid_cli.cli import app
 from pid_cli.colorfix import color_fix, wavelet_split
 from pid_cli.imageinput import crop_multiple, fit_sizes, load_image, plan_image
 from pid_cli.images import choose_bucket, preprocess, read_image, resize_lanczos, to_tensor
-from pid_cli.pipeline import Decoder, to_uint
+from pid_cli.outputs import to_uint
+from pid_cli.pipeline import Decoder
 from pid_cli.registry import load_registry
 from pid_cli.text import save_prompt_embeds
 from pid_cli.vae import build_codec, load_codec

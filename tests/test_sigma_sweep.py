@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from pid_cli.cli import app
 from pid_cli.images import preprocess, resize_lanczos, to_tensor
 from pid_cli.inputs import InputError, parse_sigmas
-from pid_cli.pipeline import Decoder, to_uint
+from pid_cli.outputs import to_uint
+from pid_cli.pipeline import Decoder
 from pid_cli.registry import load_registry
 from pid_cli.text import load_prompt_embeds, save_prompt_embeds
 from pid_cli.vae import build_codec, load_codec

@@ -58,8 +58,17 @@ from pid_cli.latents import (
     noise_clean_latent,
     training_sigma,
 )
-from pid_cli.outputs import OutputExists, clean_partials, encode_png, ignores_case, write_atomic
-from pid_cli.pipeline import Decoder, HostPixels, finite_items, to_uint
+from pid_cli.outputs import (
+    HostPixels,
+    OutputExists,
+    clean_partials,
+    encode_png,
+    finite_items,
+    ignores_case,
+    to_uint,
+    write_atomic,
+)
+from pid_cli.pipeline import Decoder
 
 if TYPE_CHECKING:
     from pid_cli.vae import LatentCodec
