@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 from pid_cli.colorfix import color_fix, side_by_side
-from pid_cli.images import resize_lanczos
+from pid_cli.inputs.images import resize_lanczos
 
 VAE_SUFFIX, COMPARE_SUFFIX = ".vae", ".compare"
 

@@ -60,7 +60,7 @@ def embed(
     output file (~1.4 MB per prompt in bf16) lets render nodes decode without the 5 GB text encoder.
     """
     from pid_cli import hub
-    from pid_cli.prompts import PromptSourceError, prompts_from_file
+    from pid_cli.inputs.prompts import PromptSourceError, prompts_from_file
     from pid_cli.text import (
         EmbeddingCache,
         PromptEmbedder,
@@ -367,8 +367,8 @@ def decode(
     """
     from pid_cli import hub
     from pid_cli.decode import EXIT_USAGE, DecodeJob, run
-    from pid_cli.inputs import InputError, parse_shard, parse_sigmas, shard_from_env
-    from pid_cli.latents import FORMATS, parse_size
+    from pid_cli.inputs.collection import InputError, parse_shard, parse_sigmas, shard_from_env
+    from pid_cli.inputs.latent_files import FORMATS, parse_size
     from pid_cli.model.layers import ATTENTION_MODES
     from pid_cli.model.linear8 import MATMUL_MODES
     from pid_cli.registry import RegistryError, load_registry

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pid_cli.images import resize_lanczos
+from pid_cli.inputs.images import resize_lanczos
 
 METHODS = ("none", "mean-std", "wavelet")
 WAVELET_LEVELS = 5

@@ -1,7 +1,7 @@
 """`Decoder`: a PiD checkpoint loaded once, decoding batches of latents to pixels.
 
 This is the library API and what every `pid decode` worker runs. Latent conversion lives in
-`latents.py`, prompts in `text.py`, files on disk in `decode/`.
+`inputs/latent_files.py`, prompts in `text.py`, files on disk in `decode/`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from pid_cli import paths
 from pid_cli.devices import resolve_device
-from pid_cli.latents import to_training_frame
+from pid_cli.inputs.latent_files import to_training_frame
 from pid_cli.model import PiDConfig, PiDNet, inference, layers, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.model.layers import fast_attention

@@ -146,7 +146,7 @@ class Inputs:
         from helpers import check_latent, hostile_latents
         from safetensors.torch import save_file
 
-        from pid_cli.latents import read_latent_file
+        from pid_cli.inputs.latent_files import read_latent_file
         from pid_cli.text import save_prompt_embeds
 
         self.work = work

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from typer.testing import CliRunner
 
 from pid_cli.cli import app
-from pid_cli.latents import MAX_LATENT_ABS, MAX_LATENT_SIDE, LatentError, read_latent_file, to_pid_latent
+from pid_cli.inputs.latent_files import MAX_LATENT_ABS, MAX_LATENT_SIDE, LatentError, read_latent_file, to_pid_latent
 from pid_cli.registry import load_registry
 from pid_cli.text import CHI_PREFIX
 

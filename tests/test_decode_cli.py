@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pid_cli.cli import app
-from pid_cli.images import read_image
+from pid_cli.inputs.images import read_image
 from pid_cli.text import save_prompt_embeds
 
 SCALE = 32  # tiny v1_flux: 8 px per latent cell × sr 4

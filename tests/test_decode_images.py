@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from pid_cli.cli import app
 from pid_cli.colorfix import color_fix, wavelet_split
-from pid_cli.imageinput import crop_multiple, fit_sizes, load_image, plan_image
-from pid_cli.images import choose_bucket, preprocess, read_image, resize_lanczos, to_tensor
+from pid_cli.inputs.image_plan import crop_multiple, fit_sizes, load_image, plan_image
+from pid_cli.inputs.images import choose_bucket, preprocess, read_image, resize_lanczos, to_tensor
 from pid_cli.outputs import to_uint
 from pid_cli.pipeline import Decoder
 from pid_cli.registry import load_registry

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from pid_cli import hub, outputs
 from pid_cli.decode import plan, session
-from pid_cli.latents import LatentError, read_latent_file
+from pid_cli.inputs.latent_files import LatentError, read_latent_file
 from pid_cli.model.weights import WeightsError, read_state_dict
 from pid_cli.pipeline import Decoder
 from pid_cli.registry import load_registry
@@ -458,7 +458,7 @@ def test_no_code_path_unpickles_arbitrary_objects():
             assert (owner, node.func.attr) not in {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
                                                    ("yaml", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load"),
                                                    ("torch", "jit")}, where
-    assert len(found) >= 2  # latents.py and model/weights.py
+    assert len(found) >= 2  # inputs/latent_files.py and model/weights.py
 
 
 @pytest.mark.parametrize("legacy", [False, True])

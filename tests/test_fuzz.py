@@ -43,11 +43,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save as st_save
 
-from pid_cli.images import ImageReadError, read_image
-from pid_cli.inputs import InputError, check_template, output_names, read_manifest, safe_output_path
-from pid_cli.latents import FORMATS
-from pid_cli.prompts import PromptSourceError
-from pid_cli.prompts import read_manifest as read_prompt_manifest
+from pid_cli.inputs.collection import InputError, check_template, output_names, read_manifest, safe_output_path
+from pid_cli.inputs.images import ImageReadError, read_image
+from pid_cli.inputs.latent_files import FORMATS
+from pid_cli.inputs.prompts import PromptSourceError
+from pid_cli.inputs.prompts import read_manifest as read_prompt_manifest
 from pid_cli.registry import RegistryError, load_registry
 
 SCALE = int(os.environ.get("PID_FUZZ_SCALE", "1"))
@@ -239,7 +239,7 @@ def test_hostile_latents_are_refused_without_allocating(tmp_path):
 import json, resource, sys
 from pathlib import Path
 import numpy, torch, safetensors
-from pid_cli.latents import LatentError, read_latent_file, to_pid_latent
+from pid_cli.inputs.latent_files import LatentError, read_latent_file, to_pid_latent
 from pid_cli.registry import Latent
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
@@ -373,7 +373,7 @@ def test_fuzz_output_names_stay_inside_out(out_tree, name):
     "{dir}/../{stem}.png", "{}.png", "{0}.png", "{stem!r}.png", "{index:099999999999d}.png", "/abs/{stem}.png",
     "{dir}/{stem}.png", "{stem}-{index:03d}.png"])), stem=st.text(min_size=1, max_size=20))
 def test_fuzz_name_templates(out_tree, template, stem):
-    from pid_cli.inputs import InputSpec
+    from pid_cli.inputs.collection import InputSpec
 
     with time_limit():
         try:

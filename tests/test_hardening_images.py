@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import pid_cli.images as images
-from pid_cli.images import MAX_IMAGE_PIXELS, ImageReadError, image_pixels, read_image, to_tensor
+import pid_cli.inputs.images as images
+from pid_cli.inputs.images import MAX_IMAGE_PIXELS, ImageReadError, image_pixels, read_image, to_tensor
 
 RNG = np.random.default_rng(7)
 

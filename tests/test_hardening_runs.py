@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from pid_cli import outputs
 from pid_cli.cli import app
 from pid_cli.decode import plan, session
-from pid_cli.inputs import InputError, collect_inputs, shard_from_env, take_shard
-from pid_cli.latents import MAX_LATENT_BYTES, LatentError, read_latent_file
+from pid_cli.inputs.collection import InputError, collect_inputs, shard_from_env, take_shard
+from pid_cli.inputs.latent_files import MAX_LATENT_BYTES, LatentError, read_latent_file
 from pid_cli.text import save_prompt_embeds
 
 

@@ -1,4 +1,4 @@
-"""Image reading and preprocessing rules (pid_cli/images.py docstring), each pinned exactly."""
+"""Image reading and preprocessing rules (pid_cli/inputs/images.py docstring), each pinned exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pid_cli.images import (
+from pid_cli.inputs.images import (
     ImageReadError,
     choose_bucket,
     fit_to_target,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pid_cli.inputs import (
+from pid_cli.inputs.collection import (
     InputError,
     InputSpec,
     check_template,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pid_cli.latents import (
+from pid_cli.inputs.latent_files import (
     LatentError,
     parse_size,
     patchify_2x2,

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from pid_cli.cli import app
-from pid_cli.inputs import collect_inputs
-from pid_cli.latents import LatentError, read_as_pid, read_latent_file, scale_warning
-from pid_cli.prompts import metadata_prompt
+from pid_cli.inputs.collection import collect_inputs
+from pid_cli.inputs.latent_files import LatentError, read_as_pid, read_latent_file, scale_warning
+from pid_cli.inputs.prompts import metadata_prompt
 from pid_cli.registry import load_registry
 
 REG = load_registry(use_env=False)
@@ -309,7 +309,7 @@ def test_raw_vae_latent_read_as_normalised_warns_with_the_flag_that_fits(tmp_pat
 
 
 def test_sdxl_noisy_latent_in_euler_frame_is_not_questioned():
-    from pid_cli.latents import Reading
+    from pid_cli.inputs.latent_files import Reading
 
     sigma = 8.0  # x_t = x0 + σ·ε: RMS ~8 in the scheduler's frame, ~1 in the frame the decoder sees
     x_t = _randn(1, 4, 8, 8) + sigma * _randn(1, 4, 8, 8, seed=1)

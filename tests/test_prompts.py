@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pid_cli.prompts import (
+from pid_cli.inputs.prompts import (
     Prompt,
     PromptSourceError,
     prompts_from_file,

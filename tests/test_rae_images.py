@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from pid_cli.cli import app
-from pid_cli.imageinput import load_image, plan_image
+from pid_cli.inputs.image_plan import load_image, plan_image
 from pid_cli.registry import load_registry
 from pid_cli.text import save_prompt_embeds
 from pid_cli.vae import VAEError, load_rae_codec, resolve_kind

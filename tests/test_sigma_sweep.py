@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pid_cli.cli import app
-from pid_cli.images import preprocess, resize_lanczos, to_tensor
-from pid_cli.inputs import InputError, parse_sigmas
+from pid_cli.inputs.collection import InputError, parse_sigmas
+from pid_cli.inputs.images import preprocess, resize_lanczos, to_tensor
 from pid_cli.outputs import to_uint
 from pid_cli.pipeline import Decoder
 from pid_cli.registry import load_registry

@@ -16,7 +16,7 @@ from helpers import all_gone, args, children, hidden, latents, pngs, run_cli, sp
 
 from pid_cli.decode import DecodeJob
 from pid_cli.decode.workers import worker_jobs
-from pid_cli.inputs import collect_inputs, take_shard
+from pid_cli.inputs.collection import collect_inputs, take_shard
 
 
 def test_workers_split_the_runs_own_shard_round_robin(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from pid_cli.colorfix import METHODS as COLOR_FIX_METHODS
 from pid_cli.devices import resolve_device
-from pid_cli.inputs import (
+from pid_cli.inputs.collection import (
     DEFAULT_TEMPLATE,
     IMAGE_SUFFIXES,
     InputError,
@@ -22,7 +22,7 @@ from pid_cli.inputs import (
     collect_inputs,
     take_shard,
 )
-from pid_cli.latents import (
+from pid_cli.inputs.latent_files import (
     LATENT_SUFFIXES,
 )
 from pid_cli.outputs import check_writable
@@ -78,7 +78,7 @@ class DecodeJob:
     manifest_out: Path | None = None
     json_stdout: bool = False
     quiet: bool = False
-    fit: bool = False  # image inputs: resize onto a trained output size (imageinput.py)
+    fit: bool = False  # image inputs: resize onto a trained output size (inputs/image_plan.py)
     compare: bool = False  # also write NAME.vae.png and NAME.compare.png (baselines.py)
     color_fix: str = "none"  # colorfix.METHODS
     warn: Callable[[str], None] = _warn  # module-level functions: jobs are pickled to worker processes

@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from pid_cli.decode.job import DecodeJob
-from pid_cli.imageinput import ImagePlan, fit_sizes, load_image, plan_image
-from pid_cli.images import image_pixels, read_image
-from pid_cli.inputs import (
+from pid_cli.inputs.collection import (
     InputError,
     InputSpec,
 )
-from pid_cli.latents import (
+from pid_cli.inputs.image_plan import ImagePlan, fit_sizes, load_image, plan_image
+from pid_cli.inputs.images import image_pixels, read_image
+from pid_cli.inputs.latent_files import (
     MAX_LATENT_SIDE,
     LatentError,
     Reading,
@@ -91,7 +91,7 @@ def probe_input(job: DecodeJob, spec: InputSpec) -> Probe:
     fit_to = _fit_candidates(job) if job.fit else None
     plan = plan_image(job.entry, spec.path, info.width, info.height, fit_to)
     f = job.entry.latent.vae_factor
-    if max(plan.width, plan.height) > MAX_LATENT_SIDE * f:  # the limit stored latents have (latents.py)
+    if max(plan.width, plan.height) > MAX_LATENT_SIDE * f:  # the limit stored latents have (inputs/latent_files.py)
         raise InputError(f"{spec.path}: a {plan.width}x{plan.height} image would decode to "
                          f"{plan.width * job.entry.sr_scale}x{plan.height * job.entry.sr_scale}; use --fit to "
                          "resize it onto a trained size")

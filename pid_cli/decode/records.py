@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from pid_cli.inputs import (
+from pid_cli.inputs.collection import (
     InputError,
     InputSpec,
 )

@@ -46,14 +46,14 @@ from pid_cli.decode.plan import (
     probe_input,
 )
 from pid_cli.decode.records import Progress, Records, Report, install_signal_handlers, restore_signal_handlers
-from pid_cli.inputs import (
+from pid_cli.inputs.collection import (
     InputError,
     InputSpec,
     output_names,
     safe_output_path,
     take_shard,
 )
-from pid_cli.latents import (
+from pid_cli.inputs.latent_files import (
     LatentError,
     noise_clean_latent,
     training_sigma,
@@ -249,7 +249,7 @@ class Session:
     def choose_prompts(self) -> None:
         """Each input's caption (nothing is fetched or embedded yet); an input whose own prompt cannot be read,
         or is missing from --prompt-embeds, fails alone."""
-        from pid_cli.prompts import resolve_prompts
+        from pid_cli.inputs.prompts import resolve_prompts
         from pid_cli.text import load_prompt_embeds
 
         job = self.job

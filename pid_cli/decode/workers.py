@@ -47,7 +47,7 @@ from pid_cli.decode.job import (
 from pid_cli.decode.records import Progress, Records, install_signal_handlers
 from pid_cli.decode.session import run_here
 from pid_cli.hub import HubError
-from pid_cli.inputs import InputError, InputSpec, take_shard
+from pid_cli.inputs.collection import InputError, InputSpec, take_shard
 from pid_cli.registry import RegistryError
 
 PARENT_POLL_S = 0.5
@@ -142,7 +142,7 @@ def _prepare(job: DecodeJob, specs: list[InputSpec]) -> DecodeJob:
     """The job the workers get: prompt sources checked and the checkpoint, VAE and text encoder fetched once
     here (workers would each probe the Hub and wait on each other's downloads). A raw FLUX.2 latent's VAE,
     which only reading the file reveals, is fetched by the worker that meets it."""
-    from pid_cli.prompts import resolve_prompts
+    from pid_cli.inputs.prompts import resolve_prompts
     from pid_cli.text import load_prompt_embeds
 
     if job.prompt is None:  # a malformed --prompt-file is a usage error before anything is fetched

@@ -169,7 +169,7 @@ class LatentCodec(ABC):
         h, w = images.shape[-2:]
         if h % self.factor or w % self.factor:
             raise ValueError(f"{self.kind} encoder needs sides divisible by {self.factor}, got {w}x{h} "
-                             "(crop with pid_cli.images.preprocess first)")
+                             "(crop with pid_cli.inputs.images.preprocess first)")
         return self.normalize(self.encode_raw(images.to(self.device, self.dtype)))
 
     @torch.inference_mode()

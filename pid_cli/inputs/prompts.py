@@ -23,8 +23,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from pid_cli.files import MAX_SIDECAR_BYTES, MAX_TEXT_BYTES, NotRegularFile, read_text
-from pid_cli.latents import COMFYUI_MARKER
-from pid_cli.manifest import read_rows
+from pid_cli.inputs.latent_files import COMFYUI_MARKER
+from pid_cli.inputs.manifest import read_rows
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson")
 DEFAULT_PROMPT = ""
@@ -103,7 +103,7 @@ def metadata_prompt(input_path: Path) -> str | None:
         try:
             str(input_path).encode("utf-8")
         except UnicodeEncodeError:  # safetensors only opens UTF-8 paths: read the header ourselves
-            from pid_cli.latents import read_latent_file
+            from pid_cli.inputs.latent_files import read_latent_file
 
             return read_latent_file(input_path).metadata.get("prompt")  # empty for a ComfyUI file
         with safe_open(str(input_path), "pt") as f:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from pid_cli.images import choose_bucket, fit_to_target, preprocess, read_image, to_tensor
-from pid_cli.inputs import InputError
+from pid_cli.inputs.collection import InputError
+from pid_cli.inputs.images import choose_bucket, fit_to_target, preprocess, read_image, to_tensor
 from pid_cli.registry import Entry
 
 # A bucket "covers" an aspect ratio of the entry when their log ratios differ by less than this (~10 %):

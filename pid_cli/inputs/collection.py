@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TextIO
 
 from pid_cli.files import is_regular
-from pid_cli.latents import LATENT_SUFFIXES, sniff_container
-from pid_cli.manifest import read_rows
-from pid_cli.manifest import short as _short
+from pid_cli.inputs.latent_files import LATENT_SUFFIXES, sniff_container
+from pid_cli.inputs.manifest import read_rows
+from pid_cli.inputs.manifest import short as _short
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 TEMPLATE_FIELDS = ("stem", "index", "dir", "name", "sigma")
