@@ -90,19 +90,25 @@ def test_missing_and_misshaped_keys_are_listed(tmp_path):
     assert "y_pos_embedding file [1, 3, 16] vs network [1, 12, 16]" in str(err.value)
 
 
+def _holds(net: PiDNet, state: dict[str, torch.Tensor]) -> bool:
+    """Every tensor of the network equals the file's tensor of that name (as the network's dtype)."""
+    return all(torch.equal(v, state[k].to(v.dtype)) for k, v in net.state_dict().items())
+
+
 def test_training_only_aux_head_in_a_file_is_ignored(tmp_path):
     state = read_state_dict(PARITY / "v15_flux" / "model_fp32.safetensors")
     state["lq_proj.lq_aux_rgb_head.3.weight"] = torch.zeros(48, 8)
     path = tmp_path / "with_aux.safetensors"
     save_file(state, path)
-    load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), path)
+    net = load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), path)
+    assert _holds(net, state) and not any("aux_rgb_head" in k for k in net.state_dict())
 
 
 def test_unprefixed_and_wrapped_pickles_load(tmp_path):
     state = read_state_dict(PARITY / "v1_flux" / "model_ema_bf16.pth")
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": state}, path)
-    load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))), path)
+    assert _holds(load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v1_flux"))), path), state)
 
 
 class _Exploit:
@@ -155,4 +161,5 @@ def test_copy_of_fixture_dir_loads(tmp_path):
     """Loading never depends on the file's name or folder."""
     dst = tmp_path / "renamed.pth"
     shutil.copy(PARITY / "v15_flux" / "model_ema_bf16.pth", dst)
-    load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), dst)
+    net = load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), dst)
+    assert _holds(net, read_state_dict(PARITY / "v15_flux" / "model_ema_bf16.pth"))
