@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pid_cli.model import PiDConfig, PiDNet, load_weights
+from pid_cli.model import PiDConfig, PiDNet, inference, load_weights
 from pid_cli.model.layers import fast_attention
 from pid_cli.outputs import HostPixels, to_uint
 from pid_cli.sampler import STUDENT_T_LIST, sample, step
@@ -197,7 +197,7 @@ def check_step_graphs(dev: torch.device) -> float:
             net.pixel_chunk = 5
             net.to_inference_dtype(torch.bfloat16)
             if policy.endswith("compile"):
-                net.compile_blocks()
+                inference.compile_blocks(net)
             if graphed:
                 net.use_cuda_graphs()
             with torch.inference_mode(), fast_attention():
@@ -263,7 +263,7 @@ def check_fixture(variant: str, dev: torch.device) -> float:
         if policy != "fp32":
             net.to_inference_dtype(torch.bfloat16)
         if policy.endswith("compile"):
-            net.compile_blocks()
+            inference.compile_blocks(net)
         g = {k: v.to(dev) for k, v in fx.items()}
         with torch.inference_mode(), fast_attention():
             out = net(g["x"], g["t"], g["y"], g["lq_latent"], g["degrade_sigma"])

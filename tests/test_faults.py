@@ -191,13 +191,13 @@ def test_a_compiled_runs_short_batches_are_padded_and_retried_unpadded_when_that
     runs out of memory, its one image is retried alone before it would be called out of memory."""
     from torch._dynamo.testing import CompileCounter
 
-    from pid_cli.model import PiDNet
+    from pid_cli.model import inference
 
     monkeypatch.setenv("PID_CACHE_DIR", str(tiny_run["root"] / "cache"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tiny_run["root"] / "inductor"))
     counter = CompileCounter()
-    compile_blocks = PiDNet.compile_blocks
-    monkeypatch.setattr(PiDNet, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
+    compile_blocks = inference.compile_blocks
+    monkeypatch.setattr(inference, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
     latents(tiny_run, 5)
     tiny_run["out"] = tiny_run["root"] / "eager"
     assert run_cli(args(tiny_run, "--batch-size", "1"))[0].exit_code == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_fixture
 
-from pid_cli.model import PiDConfig, PiDNet
+from pid_cli.model import PiDConfig, PiDNet, inference
 from pid_cli.model import graphs as graphs_mod
 from pid_cli.sampler import sample
 
@@ -161,7 +161,7 @@ def test_compiled_blocks_compile_once_per_output_size_never_per_image():
     fx = tiny_fixture("v15_flux2")
     net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     counter = CompileCounter()  # counts the graphs Dynamo hands to the compiler, then runs them eagerly
-    net.compile_blocks(backend=counter)
+    inference.compile_blocks(net, backend=counter)
     compiled_after = []
 
     def decode(width: int, seed: int) -> None:

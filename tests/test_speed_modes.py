@@ -280,8 +280,8 @@ def test_a_batch_padded_to_a_compiled_size_compiles_nothing_and_returns_only_its
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()  # counts the graphs handed to the compiler, then runs them eagerly
-    compile_blocks = PiDNet.compile_blocks
-    monkeypatch.setattr(PiDNet, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
+    compile_blocks = inference.compile_blocks
+    monkeypatch.setattr(inference, "compile_blocks", lambda net: compile_blocks(net, backend=counter))
     ran = []  # batch size of every sampler run
     sample = pipeline.sample
     monkeypatch.setattr(pipeline, "sample", lambda net, noise, *a, **kw: ran.append(len(noise)) or sample(

@@ -8,7 +8,11 @@ them equal or within the documented error (tests/test_speed_modes.py, tests/test
 
 from __future__ import annotations
 
-from pid_cli.model import attention8, layers, linear8
+import functools
+
+import torch
+
+from pid_cli.model import attention8, inductor, layers, linear8
 from pid_cli.model.net import MMDiTBlock, PiDNet, PiTBlock
 
 # The image-token Linears of each block that `use_fp8_matmuls` converts (see model/linear8.py).
@@ -24,9 +28,36 @@ def deploy(net: PiDNet, *, attention: str = "bf16", matmul: str = "bf16", compil
     if matmul == "fp8":
         use_fp8_matmuls(net)  # opt-in FP8 image-token matmuls (see model/linear8.py)
     if compile:
-        net.compile_blocks()  # one compilation per output size, reused for every later image
+        compile_blocks(net)  # one compilation per output size, reused for every later image
     if cuda_graphs:
         net.use_cuda_graphs()  # each sampler step one launch, from the first decode's second step on
+    return net
+
+
+def compile_blocks(net: PiDNet, **options) -> PiDNet:
+    """torch.compile the repeated pieces (the MMDiT blocks with the latent gates before them in four graphs:
+    the first, those with and without a gate, the last; one each the chunked PiT halves and their attention,
+    the pixel embedding and the final layer) and the latent branch's conv stack, run once per decode (eager,
+    its GroupNorms, SiLUs, paddings and layout changes took 3× its convolutions' time); the loops between
+    them stay eager. Shapes are static, so a new output size compiles once and every later image of that size
+    reuses it. Row reductions up to 4096 wide are read once
+    (model/inductor.py)."""
+    options = {"dynamic": False, **options}
+    # one entry per (device, output size, last-block flag): the default limit of 8 would
+    # silently fall back to eager on a 4-GPU host decoding two sizes
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    compiled = functools.partial(inductor.compile, **options)
+    for block in net.patch_blocks:
+        block.forward = compiled(block.forward)
+    for block in net.pixel_blocks:
+        for name in ("pre", "attend", "post_inputs", "residuals"):
+            setattr(block, name, compiled(getattr(block, name)))
+    net.lq_proj.tokens = compiled(net.lq_proj.tokens)
+    net._pixel_condition = compiled(net._pixel_condition)
+    net._embed_pixels = compiled(net._embed_pixels)
+    net.final_layer.forward = compiled(net.final_layer.forward)
     return net
 
 

@@ -6,7 +6,6 @@ released `model_ema_bf16.pth` files load without conversion. The network in word
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
-from pid_cli.model import heads, inductor, layers, linear8
+from pid_cli.model import heads, layers, linear8
 from pid_cli.model.config import GATE_PER_DIM, PiDConfig
 from pid_cli.model.graphs import StepGraphs
 from pid_cli.model.heads import HeadShard, gather_heads
@@ -301,32 +300,6 @@ class PiDNet(nn.Module):
             padding_mode=cfg.lq_conv_padding_mode, pit_head=cfg.pit_lq_inject)
         self.pit_lq_gate = SigmaGate(dim, per_dim) if cfg.pit_lq_inject else None
         self._step_graphs: StepGraphs | None = None  # see use_cuda_graphs
-
-    def compile_blocks(self, **options) -> PiDNet:
-        """torch.compile the repeated pieces (the MMDiT blocks with the latent gates before them in four graphs:
-        the first, those with and without a gate, the last; one each the chunked PiT halves and their attention,
-        the pixel embedding and the final layer) and the latent branch's conv stack, run once per decode (eager,
-        its GroupNorms, SiLUs, paddings and layout changes took 3× its convolutions' time); the loops between
-        them stay eager. Shapes are static, so a new output size compiles once and every later image of that size
-        reuses it. Row reductions up to 4096 wide are read once
-        (model/inductor.py)."""
-        options = {"dynamic": False, **options}
-        # one entry per (device, output size, last-block flag): the default limit of 8 would
-        # silently fall back to eager on a 4-GPU host decoding two sizes
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        compiled = functools.partial(inductor.compile, **options)
-        for block in self.patch_blocks:
-            block.forward = compiled(block.forward)
-        for block in self.pixel_blocks:
-            for name in ("pre", "attend", "post_inputs", "residuals"):
-                setattr(block, name, compiled(getattr(block, name)))
-        self.lq_proj.tokens = compiled(self.lq_proj.tokens)
-        self._pixel_condition = compiled(self._pixel_condition)
-        self._embed_pixels = compiled(self._embed_pixels)
-        self.final_layer.forward = compiled(self.final_layer.forward)
-        return self
 
     def use_cuda_graphs(self) -> PiDNet:
         """Replay each sampler step on a CUDA device from a CUDA graph (model/graphs.py: one graph per output
