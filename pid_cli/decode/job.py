@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class DecodeJob:
     latent_format: str = "auto"
     key: str | None = None
     latent_size: tuple[int, int] | None = None
-    degrade_sigma: tuple[float, ...] | float | None = None  # one σ, or an image's sweep (inputs.parse_sigmas)
+    degrade_sigma: tuple[float, ...] | float | None = None  # one σ or an image's sweep; a number → (number,)
     target: str | None = None
     prompt: str | None = None
     prompt_file: Path | None = None
@@ -83,6 +83,11 @@ class DecodeJob:
     color_fix: str = "none"  # colorfix.METHODS
     warn: Callable[[str], None] = _warn  # module-level functions: jobs are pickled to worker processes
     note: Callable[[str], None] = _note
+
+    def __post_init__(self) -> None:
+        if self.degrade_sigma is not None and not isinstance(self.degrade_sigma, tuple):  # a library caller's σ
+            values = self.degrade_sigma if isinstance(self.degrade_sigma, Sequence) else (self.degrade_sigma,)
+            self.degrade_sigma = tuple(float(v) for v in values)
 
 
 def check_records_path(job: DecodeJob, specs: list[InputSpec]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ def _sigmas(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> tuple[floa
     A stored latent was made at one σ, given in its backbone's own frame (converted when decoded); an image's σ
     noises its clean latent in the student's own frame (`noise_clean_latent`), so it must lie in [0, 1]. Errors
     name the file and where the value came from."""
-    given = [(spec.degrade_sigma, "the manifest"), (_as_sigmas(job.degrade_sigma), "--degrade-sigma")]
+    given = [(spec.degrade_sigma, "the manifest"), (job.degrade_sigma, "--degrade-sigma")]
     if not spec.is_image:
         given.append((meta.get("degrade_sigma", meta.get("sigma")), "metadata"))
     for value, where in given:
@@ -211,13 +211,6 @@ def _sigmas(job: DecodeJob, spec: InputSpec, meta: dict[str, Any]) -> tuple[floa
                              "image inputs; a stored latent was made at one σ, so give it one value")
         return tuple(sigmas)
     return (0.0,)
-
-
-def _as_sigmas(value: float | Sequence[float] | None) -> tuple[float, ...] | None:
-    """DecodeJob.degrade_sigma as a tuple: the CLI gives one, a library caller may give a single number."""
-    if value is None or isinstance(value, tuple):
-        return value
-    return tuple(value) if isinstance(value, Sequence) else (value,)
 
 
 TARGET_LONG_SIDE = {"2k": (1536, 3072), "4k": (3072, 4608)}

@@ -445,10 +445,12 @@ class Session:
         job = self.job
         latents = self._latents(decoder, codec, batch, sources)  # [B, C, h, w], normalised, as given (noised)
         stored = [i for i, item in enumerate(batch) if item.plan is None]  # an image's σ is the student's already
-        trained, sigmas = latents.clone(), list(sigmas)
-        if stored:
-            trained[stored], converted = decoder.to_trained_frame(latents[stored], [sigmas[i] for i in stored])
-            for i, sigma in zip(stored, converted, strict=True):
+        trained, sigmas = latents, list(sigmas)
+        if stored:  # `latents` stays as given: the --compare baseline decodes it
+            converted, stored_sigmas = decoder.to_trained_frame(latents[stored], [sigmas[i] for i in stored])
+            trained = converted if len(stored) == len(batch) else latents.index_copy(0, torch.tensor(
+                stored, device=latents.device), converted)
+            for i, sigma in zip(stored, stored_sigmas, strict=True):
                 sigmas[i] = sigma
         text = torch.stack([self.text[item.prompt] for item in batch])
         images = decoder.decode_tensor(trained, text, sigmas, [i.seed for i in batch], job.steps,

@@ -250,15 +250,11 @@ def parse_sigmas(text: str) -> tuple[float, ...]:
     sigmas = []
     for part in text.split(","):
         try:
-            sigma = float(part)
+            sigmas.append(_sigma_value(float(part)))
         except ValueError:
-            sigma = math.nan
-        if not 0 <= sigma < math.inf:
             raise InputError(f"--degrade-sigma {text!r}: {part.strip()!r} is not a finite number >= 0 (give one "
-                             "value, or several separated by commas: --degrade-sigma 0,0.4,0.7)")
-        if sigma not in sigmas:
-            sigmas.append(sigma)
-    return tuple(sigmas)
+                             "value, or several separated by commas: --degrade-sigma 0,0.4,0.7)") from None
+    return tuple(dict.fromkeys(sigmas))
 
 
 # ---------------------------------------------------------------------------------------
