@@ -1,10 +1,10 @@
 """The checkpoint registry: which decoder file goes with which network, latent format, VAE and text encoder.
 
-All model knowledge lives in `registry.yaml` so that supporting a new checkpoint (or a user's fine-tune) is a
-data change, not a new code branch. User files (`--registry FILE`, `$PID_REGISTRY`) use the same schema and
-are validated on load; every error names the file, the entry and the field so a typo is quick to find. Values
-that become paths (repo ids, Hub file paths, revisions, entry ids) must stay inside their folder, and a registry
-path must be a regular file (a FIFO or a device would block or never end).
+All model knowledge lives in `registry.yaml` (at the repository's top level) so that supporting a new checkpoint (or
+a user's fine-tune) is a data change, not a new code branch. User files (`--registry FILE`, `$PID_REGISTRY`) use the
+same schema and are validated on load; every error names the file, the entry and the field so a typo is quick to
+find. Values that become paths (repo ids, Hub file paths, revisions, entry ids) must stay inside their folder, and
+a registry path must be a regular file (a FIFO or a device would block or never end).
 """
 
 from __future__ import annotations
@@ -22,7 +22,19 @@ from typing import Any
 import yaml
 
 REGISTRY_ENV = "PID_REGISTRY"
-BUILTIN_REGISTRY = Path(__file__).with_name("registry.yaml")
+
+
+def _builtin_registry() -> Path:
+    """The built-in registry: `pid_cli/registry.yaml` in an installed wheel, else the repository's top-level
+    `registry.yaml`. The tree holds one copy, at the top where maintainers look for it; setup.py copies it into
+    the wheel's package at build time, so a source checkout or an editable install (`pip install -e .`, which
+    runs this file from the checkout) finds no packaged copy and reads the top-level file."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "registry.yaml"
+    return packaged if packaged.is_file() else here.parent / "registry.yaml"
+
+
+BUILTIN_REGISTRY = _builtin_registry()
 
 # Fields a `base:` entry does not pass on: they identify or rank an entry rather than describe the model.
 _NOT_INHERITED = ("id", "answers_to", "superseded", "experiment")

@@ -270,8 +270,11 @@ def test_cli_uses_registry_option_and_reports_errors(tmp_path):
     assert result.exit_code == 1 and f"{bad}: entry 'b' (#1): field 'path'" in result.output
 
 
-def test_builtin_registry_ships_in_the_package():
-    assert BUILTIN_REGISTRY.parent.name == "pid_cli" and BUILTIN_REGISTRY.is_file()
+def test_a_checkout_reads_the_top_level_registry(reg):
+    """A source checkout or editable install reads the repository's registry.yaml; a wheel reads the copy setup.py
+    puts in its pid_cli/ (tests/test_packaging.py)."""
+    assert Path(__file__).resolve().parents[1] / "registry.yaml" == BUILTIN_REGISTRY
+    assert reg.sources == (str(BUILTIN_REGISTRY),) and len(reg.entries) == 12
 
 
 # ---------------------------------------------------------------------------------------------------------
