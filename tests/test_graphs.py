@@ -3,7 +3,7 @@
 A CUDA graph replays the kernels it recorded on the tensors it recorded them with, so what can go wrong is ours:
 an input not copied in before a replay, a new decode's conditioning left out, two output sizes sharing a graph.
 Here a stand-in graph recomputes the step from the graph's own tensors on replay, as a real one does; the GPU
-check that real graphs are bit-identical is `scripts/gpu_parity.py`."""
+check that real graphs are bit-identical is `tests/gpu/test_step_graphs.py`."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def test_graphed_steps_refill_every_input_and_keep_one_graph_per_signature(monke
     for p in net.parameters():
         p.data.normal_(0, 0.05)
     net.pixel_chunk = 5
-    steps = graphs_mod.StepGraphs(net._velocity)
-    net.velocity = lambda x, t, cond: steps(x, t, cond)  # what use_cuda_graphs does on a GPU
+    steps = graphs_mod.StepGraphs(net.velocity)
+    net.velocity = lambda x, t, cond: steps(x, t, cond)  # what inference.use_cuda_graphs does on a GPU
     plain = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     plain.load_state_dict(net.state_dict())
     plain.pixel_chunk = 5
@@ -103,35 +103,41 @@ def make_cond():
     return Cond(torch.zeros(4), (torch.zeros(2), torch.ones(2)), (1, 1))
 
 
-def test_pit_modulation_split_is_made_again_only_when_the_weights_change():
-    """A graph replays the split modulation weights it was captured with, so every decode's `condition` must
-    hand the blocks the same tensors; new weights (loaded in place, cast) must still be split anew."""
-    fx = tiny_fixture("v15_flux2")
-    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
-    block = net.pixel_blocks[0]
-    args = (fx["y"], fx["lq_latent"], fx["degrade_sigma"], *fx["x"].shape[2:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_pixel_modulation_is_the_plain_one(dtype):
+    """The split form (two Linears of regrouped rows) gives the plain form's values for both parts, and a network
+    deployed with it decodes what the plain network decodes."""
+    from pid_cli.model.pixel_modulation import POST, PRE, PixelModulation, SplitPixelModulation
+
+    torch.manual_seed(0)
+    plain = PixelModulation(24, 4, 9).to(dtype)  # D 24, C 4, P² 9
+    s_cond = torch.randn(7, 24).to(dtype)
     with torch.no_grad():
-        net.condition(*args)
-        first = block._split[1][0]
-        net.condition(*args)
-        assert block._split[1][0] is first
-        block.adaLN_modulation[0].weight.add_(1.0)  # in place, as load_state_dict writes
-        net.condition(*args)
-        assert block._split[1][0] is not first
-        torch.testing.assert_close(block._split[1][0], first + 1.0)
-        net.to_inference_dtype(torch.bfloat16)
-        net.condition(*args)
-        assert block._split[1][0].dtype == torch.bfloat16
+        expected = [plain(s_cond, part).clone() for part in (PRE, POST)]
+        split = SplitPixelModulation(plain)
+        for part, want in zip((PRE, POST), expected, strict=True):
+            got = split(s_cond, part)
+            assert got.shape == want.shape == (7, 9, 4 * (2 + 2 * part))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-
-def test_the_whole_network_traces_as_one_graph_once_the_split_exists():
-    """scripts/bench.py's upstream-compiled policy compiles the whole forward, `condition` included, as upstream's
-    `--compile` does. The split's data-pointer check broke that graph in two, and on an H200 Inductor then
-    failed on the second part (torch 2.11: 'SymFloat' object has no attribute 'size')."""
     fx = tiny_fixture("v15_flux2")
     net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
-    for block in net.pixel_blocks:
-        block.split_modulation()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    deployed = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
+    deployed.load_state_dict(net.state_dict())
+    inference.deploy(deployed)
+    assert all(isinstance(b.adaLN_modulation, SplitPixelModulation) for b in deployed.pixel_blocks)
+    args = (fx["x"], fx["t"], fx["y"], fx["lq_latent"], fx["degrade_sigma"])
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(*args), net(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_the_plain_network_traces_as_one_graph():
+    """scripts/bench.py's upstream-compiled policy compiles the whole forward, `condition` included, as upstream's
+    `--compile` does: the plain network (no deployment) must trace without a graph break."""
+    fx = tiny_fixture("v15_flux2")
+    net = PiDNet(PiDConfig.from_dict(tiny_config("v15_flux2"))).eval()
     t = torch.full((fx["x"].shape[0],), 999.0)
     with torch.no_grad():
         explained = torch._dynamo.explain(net)(fx["x"], t, fx["y"], fx["lq_latent"], fx["degrade_sigma"])

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
-from pid_cli.model import attention8
 
 # Our GPU kernels and torch.compile's GPU code are Triton. torch's CUDA wheels for Linux bring it; other builds
 # (Windows) may not, and there a GPU decodes with the torch ops instead. A constant, so compiled code reads it freely.
@@ -218,16 +217,10 @@ def fast_attention():
     return sdpa_kernel(order, set_priority=True)
 
 
-ATTENTION_MODES = ("bf16", "8bit")  # "bf16": SDPA in the dtype of v (fp32 in an fp32 network)
-
-
-def attention(q: Tensor, k: Tensor | tuple[Tensor, Tensor], v: Tensor | tuple[Tensor, Tensor],
-              mode: str = "bf16") -> Tensor:
-    """Attention over [B, N, heads, head_dim] inputs, keys and values whole or as (text, image) parts along the
-    tokens; returns [B, N, heads·head_dim]. "8bit" is the opt-in INT8/FP8 kernel of `attention8` (CUDA, head dims
-    64..96), which reads the parts where they are."""
-    if mode == "8bit":
-        return attention8.attention(q, k, v).flatten(2)
+def attention(q: Tensor, k: Tensor | tuple[Tensor, Tensor], v: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """Exact attention (SDPA in the dtype of v: fp32 in an fp32 network) over [B, N, heads, head_dim] inputs, keys
+    and values whole or as (text, image) parts along the tokens; returns [B, N, heads·head_dim]. `attention8.attention`
+    is the opt-in 8-bit form with the same signature."""
     k, v = (torch.cat(t, 1) if isinstance(t, tuple) else t for t in (k, v))
     q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, head_dim]
     out = F.scaled_dot_product_attention(q, k, v)

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
-from pid_cli.model import heads, layers, linear8
+from pid_cli.model import heads, layers
 from pid_cli.model.config import GATE_PER_DIM, PiDConfig
-from pid_cli.model.graphs import StepGraphs
 from pid_cli.model.heads import HeadShard, gather_heads
 from pid_cli.model.layers import (
     GeluMLP,
@@ -33,6 +32,7 @@ from pid_cli.model.layers import (
     rope_2d,
 )
 from pid_cli.model.lq import LQProjection, SigmaGate
+from pid_cli.model.pixel_modulation import POST, PRE, PixelModulation
 
 Rope = tuple[Tensor, Tensor] | None
 Branch = tuple[Tensor, Tensor]  # (gate [B, 1, D], branch output [B, L, D]): a residual still to add
@@ -60,7 +60,7 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attention_mode = "bf16"  # see inference.set_attention
+        self.sdpa = attention  # (q, k, v) → [B, N, heads·head_dim]; inference.set_attention may swap in the 8-bit one
         self.head_dim = head_dim = dim // heads
         self.qkv_x = Linear(dim, 3 * dim, bias=False)
         self.qkv_y = Linear(dim, 3 * dim, bias=False)
@@ -85,9 +85,9 @@ class JointAttention(nn.Module):
         qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_y)
         n_txt = y.shape[1]
         if not text_out:  # only image queries are needed; text keys/values still are
-            out = gather_heads(attention(qx, (ky, kx), (vy, vx), self.attention_mode), self.shard)
+            out = gather_heads(self.sdpa(qx, (ky, kx), (vy, vx)), self.shard)
             return self.proj_x(out), None
-        out = attention(torch.cat([qy, qx], 1), (ky, kx), (vy, vx), self.attention_mode)
+        out = self.sdpa(torch.cat([qy, qx], 1), (ky, kx), (vy, vx))
         out = gather_heads(out, self.shard)  # [B, T + L, D]
         return self.proj_x(out[:, n_txt:]), self.proj_y(out[:, :n_txt])
 
@@ -137,7 +137,7 @@ class PixelAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attention_mode = "bf16"  # see inference.set_attention
+        self.sdpa = attention  # as JointAttention's
         self.head_dim = dim // heads
         self.qkv = Linear(dim, 3 * dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
@@ -152,7 +152,7 @@ class PixelAttention(nn.Module):
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
         q, k = norm_rope(self.q_norm, q, rope, v.dtype), norm_rope(self.k_norm, k, rope, v.dtype)
-        return self.proj(gather_heads(attention(q, k, v, self.attention_mode), self.shard))
+        return self.proj(gather_heads(self.sdpa(q, k, v), self.shard))
 
 
 class PiTBlock(nn.Module):
@@ -173,45 +173,11 @@ class PiTBlock(nn.Module):
         self.attn = PixelAttention(attn_dim, heads)
         self.norm2 = RMSNorm(pixel_dim)
         self.mlp = GeluMLP(pixel_dim, 4 * pixel_dim)
-        self.adaLN_modulation = nn.Sequential(Linear(cond_dim, 6 * pixel_dim * p2))
-        self.matmul_mode = "bf16"  # see inference.use_fp8_matmuls
-        self._split: tuple[tuple[Tensor | None, ...], ...] | None = None
-        self._split_source: tuple | None = None  # the weights _split was made from
-
-    def split_modulation(self) -> None:
-        """Regroup the adaLN rows (pixel-major: p·6C + chunk·C + ch) into the two modulations
-        used before attention (shift, scale) and after it (gate, shift, scale, gate), so each
-        chunk computes exactly the rows it needs, never the whole 6·C·P² output at once.
-        Done again only when the weights changed (moved, cast, loaded into, FP8 mode): a sampler step
-        replayed from a CUDA graph reads the split tensors it was captured with. Under a torch.compile of the
-        whole network (scripts/bench.py's upstream-compiled policy) an existing split is kept: comparing data
-        pointers would break its graph."""
-        if self._split is not None and torch.compiler.is_compiling():
-            return
-        lin = self.adaLN_modulation[0]
-        source = (lin.weight.data_ptr(), lin.weight.dtype, lin.weight._version, lin.bias.data_ptr(),
-                  lin.bias._version, self.matmul_mode)
-        if self._split is not None and self._split_source == source:
-            return
-        c = self.pixel_dim
-        rows = torch.arange(lin.out_features, device=lin.weight.device).view(-1, 6 * c)  # [P², 6C]
-        pre, post = rows[:, : 2 * c].reshape(-1), rows[:, 2 * c:].reshape(-1)
-        halves = ((lin.weight[pre], lin.bias[pre]), (lin.weight[post], lin.bias[post]))
-        if self.matmul_mode == "fp8":
-            halves = tuple(linear8.quantize_weight(w, b) for w, b in halves)
-        self._split, self._split_source = halves, source
-
-    def _modulation(self, s_cond: Tensor, part: int) -> Tensor:
-        if self._split is None:
-            self.split_modulation()
-        half = self._split[part]
-        fp8 = self.matmul_mode == "fp8"
-        out = linear8.linear(s_cond, *half) if fp8 else F.linear(s_cond.to(half[0].dtype), *half)
-        return out.view(s_cond.shape[0], -1, (2 + 2 * part) * self.pixel_dim)
+        self.adaLN_modulation = PixelModulation(cond_dim, pixel_dim, p2)  # (s_cond, PRE | POST) → [n, P², 2C | 4C]
 
     def pre(self, xp: Tensor, s_cond: Tensor) -> Tensor:
         # xp [n, P², C] pixels, s_cond [n, D] → compressed tokens [n, attn_dim]
-        shift_a, scale_a = self._modulation(s_cond, 0).chunk(2, dim=-1)
+        shift_a, scale_a = self.adaLN_modulation(s_cond, PRE).chunk(2, dim=-1)
         return self.compress_to_attn(modulate(self.norm1(xp), shift_a, scale_a).flatten(1))
 
     def attend(self, tokens: Tensor, batch: int, rope: Rope) -> Tensor:
@@ -231,7 +197,7 @@ class PiTBlock(nn.Module):
 
     def post_inputs(self, xp: Tensor, s_cond: Tensor, attended: Tensor) -> tuple[Tensor, Tensor]:
         """The per-pixel modulation after attention [n, P², 4C] and the attention branch [n, P², C]."""
-        return self._modulation(s_cond, 1), self.expand_from_attn(attended).view(xp.shape)
+        return self.adaLN_modulation(s_cond, POST), self.expand_from_attn(attended).view(xp.shape)
 
     def residuals(self, xp: Tensor, modulation: Tensor, branch: Tensor) -> Tensor:
         gate_a, shift_m, scale_m, gate_m = modulation.chunk(4, dim=-1)
@@ -269,7 +235,8 @@ class PiDNet(nn.Module):
     """The PiD decoder network. `forward(x, t·1000, y, lq_latent, degrade_sigma)` → velocity ε − x0.
 
     Its hyper-parameters are a `PiDConfig` (model/config.py; `PiDConfig.from_dict` reads a registry
-    `net_config`). The speed modes (attention mode, FP8 matmuls) are switched on by model/inference.py.
+    `net_config`). What only changes its speed (the 8-bit attention, FP8 matmuls, the split PiT modulation,
+    compilation, CUDA graphs) model/inference.py applies to a loaded network.
     """
 
     def __init__(self, config: PiDConfig):
@@ -299,13 +266,6 @@ class PiDNet(nn.Module):
             num_heads=math.ceil(cfg.patch_depth / cfg.lq_interval), gate_per_dim=per_dim,
             padding_mode=cfg.lq_conv_padding_mode, pit_head=cfg.pit_lq_inject)
         self.pit_lq_gate = SigmaGate(dim, per_dim) if cfg.pit_lq_inject else None
-        self._step_graphs: StepGraphs | None = None  # see use_cuda_graphs
-
-    def use_cuda_graphs(self) -> PiDNet:
-        """Replay each sampler step on a CUDA device from a CUDA graph (model/graphs.py: one graph per output
-        size, captured on the second step of its first decode). The output is bit for bit the same."""
-        self._step_graphs = StepGraphs(self._velocity)
-        return self
 
     @staticmethod
     def attention_heads(net_config: dict) -> tuple[int, int]:
@@ -340,13 +300,6 @@ class PiDNet(nn.Module):
                 param.data = param.data.to(target)
         return self
 
-    def _require_8bit_tensor_cores(self, flag: str) -> None:
-        """model/inference.py's check before an 8-bit mode (a method so that tests can lift it on a CPU)."""
-        device = next(self.parameters()).device
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-            raise ValueError(f"{flag} needs an NVIDIA GPU with 8-bit tensor cores (Ada/Hopper or newer); "
-                             f"this decoder is on {device}")
-
     def condition(self, y: Tensor, lq_latent: Tensor | None, degrade_sigma: Tensor, height: int,
                   width: int) -> Conditioning:
         """Everything that stays fixed across sampler steps, computed once per decode: the text
@@ -359,8 +312,6 @@ class PiDNet(nn.Module):
         cfg = self.config
         n_txt = min(cfg.txt_max_length, y.shape[1])
         device = y.device
-        for block in self.pixel_blocks:
-            block.split_modulation()
         head_dim = cfg.hidden_size // cfg.num_groups
         cols, rows = pixel_sincos_tables(cfg.pixel_hidden_size, height, width, device)
         return Conditioning(
@@ -379,11 +330,6 @@ class PiDNet(nn.Module):
 
     def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The velocity ε − x0 for sample x [B, 3, H, W] at timesteps t [B] (already ×1000)."""
-        if self._step_graphs is not None and x.is_cuda and not torch.is_grad_enabled():
-            return self._step_graphs(x, t, cond)
-        return self._velocity(x, t, cond)
-
-    def _velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         b = x.shape[0]
         p, (gh, gw) = self.patch_size, cond.grid
         patches = x.view(b, -1, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)  # [B, L, 3·P²]
