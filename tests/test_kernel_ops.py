@@ -1,6 +1,6 @@
 """The `torch.ops.pid.*` custom ops (pid_cli/kernels/ops.py) on the CPU, where each runs its torch reference
 (kernels/reference.py): they must be the model's own torch ops, value for value, so that what the GPU kernels are
-held to is the network's arithmetic. (The Triton kernels themselves run only on a GPU: scripts/gpu_parity.py.)"""
+held to is the network's arithmetic. (The Triton kernels themselves run only on a GPU: tests/gpu/test_kernels.py.)"""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ needs K ≥ 32); V's channels plus the ones channel are split alike (64 + 16 for
 K and V are quantised beforehand, by `reference.quantize_kv`'s arithmetic (on a GPU the Triton kernels of
 kv_quant.py, which read the text and image parts of K and V where the projections left them, without
 concatenating them). `reference.attend_quantized` computes this kernel's arithmetic with plain torch ops on any
-device; the tests hold it against exact attention on the CPU, and `scripts/gpu_parity.py` holds the kernel
+device; the tests hold it against exact attention on the CPU, and `tests/gpu/test_kernels.py` holds the kernel
 against both on a GPU.
 
 The kernel: one program owns BLOCK_M query rows of one (batch, head): it rounds them to INT8, then streams the

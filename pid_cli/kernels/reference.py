@@ -1,5 +1,5 @@
 """The torch ops each of our kernels replaces, on any device and without Triton: the CPU implementations of the
-`torch.ops.pid.*` ops (ops.py) and what the kernels are held to (tests; `scripts/gpu_parity.py` and the kernels'
+`torch.ops.pid.*` ops (ops.py) and what the kernels are held to (tests; `tests/gpu/test_kernels.py` and the kernels'
 bench scripts on a GPU). Each kernel module's docstring says how its arithmetic relates to these.
 
 `sampler_step.py`'s reference is `sampler.step`'s torch path."""

@@ -9,7 +9,7 @@ written once.
 The arithmetic is the torch ops' (`sampler.step`'s path off CUDA, its reference), operation for operation and in
 their order: float64 product and difference rounded each (no fused multiply-add: `enable_fp_fusion=False`), rounded
 to float32, then the float32 products and sum of the re-noising, each rounded. The result is bit for bit the torch
-ops' (scripts/gpu_parity.py).
+ops' (tests/gpu/test_kernels.py).
 """
 
 from __future__ import annotations
