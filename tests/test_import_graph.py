@@ -1,16 +1,43 @@
-"""The package's import graph, read from the source with `ast` (nothing is imported): the kernels sit below the
-model (nothing under pid_cli/kernels imports pid_cli.model or anything else of pid_cli outside kernels/), and no
-pid_cli modules import each other in a circle through their module-level imports."""
+"""The package's import graph, read from the source with `ast` (nothing is imported): pid_cli's modules stand in
+layers (LAYERS, top down) and import only sideways or down, never up, nor round in a circle; the kernels import
+nothing of pid_cli outside kernels/. docs/architecture.md draws this graph; scripts/import_graph.py redraws it from
+the data here, and a test below keeps the two equal."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pid_cli"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pid_cli"
 
 # Import circles known to remain, each the set of modules that form it; delete an entry once its circle is gone.
 KNOWN_CYCLES: tuple[frozenset[str], ...] = ()
+
+# The layers, top down, each a name and its units. A unit is a top-level module or a whole subpackage of pid_cli,
+# named without the `pid_cli.` prefix ("__init__" is pid_cli/__init__.py). A module may import its own layer and
+# the layers below, never one above: the order the code keeps today, written down so it stays kept. model/ and
+# kernels/ sit below the registry, the Hub and the file readers: the network is told what to build and handed
+# tensors, and knows nothing of files, downloads or device names. docs/architecture.md says what each unit holds.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("command line", ("cli",)),
+    ("commands", ("doctor", "convert")),
+    ("decode engine", ("decode",)),
+    ("decoder", ("pipeline", "split")),
+    ("stages", ("inputs", "text", "vae", "sampler", "outputs", "colorfix", "baselines")),
+    ("foundation", ("registry", "hub", "paths", "devices", "files", "__init__")),
+    ("network", ("model",)),
+    ("kernels", ("kernels",)),
+)
+
+# Imports inside a function that go up a layer, each with its reason; nothing at module level may.
+LAZY_UPWARD: dict[tuple[str, str], str] = {
+    ("pid_cli", "pid_cli.pipeline"): "`pid_cli.Decoder` re-exports the library API on first use (__getattr__), "
+                                     "so `import pid_cli` stays free of torch",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -68,8 +95,27 @@ def imported(name: str, path: Path, known: dict[str, Path], module_level: bool) 
 
 
 def graph(module_level: bool) -> dict[str, set[str]]:
+    """Module → the modules it imports: at module level only, or anywhere in it (functions included)."""
     known = modules()
     return {name: imported(name, path, known, module_level) - {name} for name, path in known.items()}
+
+
+def unit(module: str) -> str:
+    """The LAYERS unit of a module: `pid_cli.decode.job` → "decode", `pid_cli.cli` → "cli", `pid_cli` → "__init__"."""
+    return module.split(".")[1] if "." in module else "__init__"
+
+
+def layer_of() -> dict[str, int]:
+    """Unit → its layer's index, 0 at the top."""
+    return {u: i for i, (_, units) in enumerate(LAYERS) for u in units}
+
+
+def upward(edges: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """The imports (importer, imported) whose target sits in a higher layer than the importer (a unit missing from
+    LAYERS counts as no layer: the test that every module has one names it)."""
+    rank = layer_of()
+    return {(a, b) for a, targets in edges.items() for b in targets
+            if unit(a) in rank and unit(b) in rank and rank[unit(b)] < rank[unit(a)]}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[frozenset[str]]:
@@ -128,3 +174,36 @@ def test_no_import_cycles_among_pid_cli_modules():
     found = cycles(graph(module_level=True))
     unknown = [sorted(c) for c in found if c not in KNOWN_CYCLES]
     assert not unknown, f"import cycles: {unknown}"
+
+
+def test_every_module_has_a_layer_and_every_unit_exists():
+    """A new module or subpackage fails here until it is placed in LAYERS (and the drawing regenerated)."""
+    units = {unit(m) for m in modules()}
+    listed = [u for _, layer in LAYERS for u in layer]
+    assert len(listed) == len(set(listed)), "a unit is in two layers"
+    assert not units - set(listed), f"place these in LAYERS: {sorted(units - set(listed))}"
+    assert not set(listed) - units, f"LAYERS names what no longer exists: {sorted(set(listed) - units)}"
+
+
+def test_no_module_level_import_goes_up_a_layer():
+    found = sorted(upward(graph(module_level=True)))
+    assert not found, "imports of a higher layer (move the code, or the layer if the design changed): " + ", ".join(
+        f"{a} → {b}" for a, b in found)
+
+
+def test_imports_inside_functions_go_up_only_where_known():
+    """A lazy import is no licence to reach up a layer: each that does is listed, with its reason, in LAZY_UPWARD."""
+    eager = graph(module_level=True)
+    lazy = {a: targets - eager[a] for a, targets in graph(module_level=False).items()}
+    found = upward(lazy)
+    assert found <= set(LAZY_UPWARD), f"new upward imports: {sorted(found - set(LAZY_UPWARD))}"
+    assert set(LAZY_UPWARD) <= found, f"gone, delete from LAZY_UPWARD: {sorted(set(LAZY_UPWARD) - found)}"
+
+
+def test_the_drawing_in_docs_architecture_is_current():
+    """docs/architecture.md's mermaid block is what scripts/import_graph.py prints for today's code."""
+    printed = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_graph.py")], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    blocks = re.findall(r"^```mermaid\n.*?^```$", (ROOT / "docs" / "architecture.md").read_text(), re.M | re.S)
+    assert blocks == [printed], ("docs/architecture.md's drawing is stale: run `python scripts/import_graph.py` and "
+                                 "paste its output over the ```mermaid block")
