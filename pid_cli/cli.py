@@ -335,6 +335,12 @@ def decode(
                                         "Hopper/Ada GPUs, faster (most with --attention 8bit) at a small, "
                                         "measured error (docs/performance.md#speed-modes); recorded in the "
                                         "PNG metadata.")] = "bf16",
+    check_psnr: Annotated[float, typer.Option("--check-psnr", min=0, help="With --attention 8bit or --matmul "
+                                              "fp8: the first image of each output size is also decoded on the "
+                                              "exact path and compared (PSNR in its PNG metadata and record); "
+                                              "below this many dB that size falls back to the exact path, with "
+                                              "a warning. 0 turns the check off "
+                                              "(docs/performance.md#8-bit-accuracy).")] = 40.0,
     compile: Annotated[str, typer.Option("--compile", help="on, off or auto: torch.compile the network on GPUs "
                                          "(faster per image, after a start-up cost per output size: "
                                          "docs/performance.md#compile); auto "
@@ -369,7 +375,7 @@ def decode(
     from pid_cli.decode import EXIT_USAGE, DecodeJob, run
     from pid_cli.inputs.collection import InputError, parse_shard, parse_sigmas, shard_from_env
     from pid_cli.inputs.latent_files import FORMATS, parse_size
-    from pid_cli.model.layers import ATTENTION_MODES
+    from pid_cli.model.inference import ATTENTION_MODES
     from pid_cli.model.linear8 import MATMUL_MODES
     from pid_cli.registry import RegistryError, load_registry
 
@@ -400,7 +406,8 @@ def decode(
             inputs=inputs, out=out, entry=entry, template=name,
             batch_size=None if batch_size == "auto" else int(batch_size), devices=_parse_devices(devices),
             gpus_per_image=gpus_per_image,
-            seed=seed, steps=steps, dtype=dtype, attention=attention, matmul=matmul, compile=compile,
+            seed=seed, steps=steps, dtype=dtype, attention=attention, matmul=matmul, check_psnr=check_psnr or None,
+            compile=compile,
             bit_depth=bit_depth, metadata=metadata, overwrite=overwrite, fail_fast=fail_fast, recursive=recursive,
             latent_format=latent_format, key=key,
             latent_size=parse_size(latent_size) if latent_size else None,

@@ -2,7 +2,8 @@
 
 Checks the software stack, replays a bundled upstream parity fixture (a tiny random-weight v1.5
 network in the released on-disk format, with upstream's forward output and 4-step trace) through
-the real loader and sampler, lists the weights on disk, and on a GPU times a full-size decode.
+the real loader and sampler, lists the weights on disk, and on a GPU times a full-size decode and, where the
+8-bit modes run, makes the 8-bit check `pid decode` makes (pipeline.Decoder) on that decode.
 """
 
 from __future__ import annotations
@@ -45,34 +46,67 @@ def check_parity(device: torch.device) -> tuple[bool, str]:
     return ok, f"forward relative L2 {rel:.1e} (bound 1e-5), 4-step sample max |Δ| {chain_err:.1e} (bound 2e-4)"
 
 
-def time_decode(entry, device: torch.device, size: int = 2048) -> str:
-    """Seconds per full-size decode (random weights, bf16, eager: the compiled path is faster)."""
+def full_size_network(entry, device: torch.device):
+    """The entry's network in bf16 on `device`: its weights if they are on disk, else random ones (speed does not
+    depend on the values; the 8-bit check's error does). Returns (network, what its weights are)."""
+    from pid_cli import hub
     from pid_cli.model import PiDConfig, PiDNet
-    from pid_cli.model.layers import fast_attention
-    from pid_cli.sampler import draw_noise, sample
+    from pid_cli.pipeline import load_network
 
+    try:
+        weights = hub.ensure_files(entry, vae=False, text_encoder=False, download=False).weights
+        return load_network(entry.net_config, str(weights), device, dtype="bfloat16"), f"{entry.id}'s weights"
+    except Exception:  # not downloaded (or unreadable: the decode itself reports that)
+        pass
     with torch.device("meta"):
         net = PiDNet(PiDConfig.from_dict(entry.net_config))
     net = net.to_empty(device=device).eval().requires_grad_(False)
     for name, p in net.named_parameters():
         p.data.fill_(1.0) if "norm" in name or p.dim() == 0 else p.data.normal_(0, 0.02)
-    net.to_inference_dtype(torch.bfloat16)
+    return net.to_inference_dtype(torch.bfloat16), "random weights"
+
+
+def decode_once(net, entry, device: torch.device, size: int) -> tuple[torch.Tensor, float]:
+    """One seeded decode at size² (fixed text and latent): (image [1, 3, size, size], seconds)."""
+    from pid_cli.model.layers import fast_attention
+    from pid_cli.sampler import draw_noise, sample
+
     scale = entry.latent.vae_factor * entry.sr_scale
-    y = torch.randn(1, 300, entry.net_config["txt_embed_dim"], device=device)
-    lq = torch.randn(1, entry.latent.channels, size // scale, size // scale, device=device)
-    times = []
-    for _ in range(3):
-        gen = torch.Generator(device=device).manual_seed(0)
-        noise = draw_noise((1, 3, size, size), gen, device)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode(), fast_attention():
-            sample(net, noise, y, lq, torch.zeros(1, device=device), generator=gen)
-        torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    best = min(times[1:])
-    return (f"{entry.id} at {size}²: {best:.2f} s/image eager ({1 / best:.2f} images/s); "
-            "`pid decode` compiles the blocks and runs faster")
+    inputs = torch.Generator(device=device).manual_seed(1)
+    y = torch.randn(1, 300, entry.net_config["txt_embed_dim"], device=device, generator=inputs)
+    lq = torch.randn(1, entry.latent.channels, size // scale, size // scale, device=device, generator=inputs)
+    gen = torch.Generator(device=device).manual_seed(0)
+    noise = draw_noise((1, 3, size, size), gen, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), fast_attention():
+        image = sample(net, noise, y, lq, torch.zeros(1, device=device), generator=gen)
+    sync(device)
+    return image, time.perf_counter() - start
+
+
+def decode_checks(entry, device: torch.device, eight_bit: bool, size: int = 2048,
+                  threshold_db: float | None = None) -> list[tuple[str, bool | None, str]]:
+    """Rows: seconds per full-size decode (bf16, eager: the compiled path is faster) and, with `eight_bit`, the
+    8-bit check of `pid decode`: the same decode with `--attention 8bit --matmul fp8`, against the exact one."""
+    from pid_cli.model import inference
+    from pid_cli.pipeline import CHECK_PSNR_DB, compare_levels
+
+    net, weights = full_size_network(entry, device)
+    net = inference.deploy(net)
+    times = [decode_once(net, entry, device, size) for _ in range(3)]
+    best = min(t for _, t in times[1:])
+    rows = [("full-size decode", None, f"{entry.id} at {size}², {weights}: {best:.2f} s/image eager "
+                                       f"({1 / best:.2f} images/s); `pid decode` compiles the blocks and runs faster")]
+    if eight_bit:
+        fast = inference.deploy(inference.twin(net), attention="8bit", matmul="fp8")
+        decode_once(fast, entry, device, size)  # builds the kernels
+        check = compare_levels(decode_once(fast, entry, device, size)[0][0], times[0][0][0],
+                               threshold_db or CHECK_PSNR_DB)
+        rows.append(("8-bit check", check.passed, f"--attention 8bit --matmul fp8 at {size}², {weights}: "
+                                                  f"{check.describe()}"))
+    return rows
 
 
 def _triton_status() -> str:
@@ -138,8 +172,9 @@ def run(time_gpu: bool = True) -> list[tuple[str, bool | None, str]]:
         reg = None
         rows.append(("registry", False, f"{type(e).__name__}: {e}"))
     if cuda and time_gpu and reg is not None:
+        eight_bit = attention8.startswith("available") and matmul8.startswith("available")
         try:
-            rows.append(("full-size decode", None, time_decode(reg.resolve("flux2", "2kto4k"), device)))
+            rows.extend(decode_checks(reg.resolve("flux2", "2kto4k"), device, eight_bit))
         except Exception as e:
             rows.append(("full-size decode", False, f"{type(e).__name__}: {e}"))
     return rows

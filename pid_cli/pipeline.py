@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from pid_cli.sampler import draw_noise, sample, schedule
 from pid_cli.split import DecodeInputs, HelperGroup, check_split
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CHECK_PSNR_DB = 40.0  # default threshold of the 8-bit check (docs/performance.md#8-bit-accuracy says why)
 
 
 def persist_compile_caches() -> None:
@@ -85,24 +88,68 @@ class CompileGate:
 _GATE = CompileGate()
 
 
-def build_network(net_config: dict, weights: str, device: torch.device, shard: HeadShard | None = None, *,
-                  dtype: str, attention: str, matmul: str, compile: bool) -> PiDNet:
-    """The checkpoint's network on `device`, in the given arithmetic (`dtype` names a torch dtype), compiled or
-    not; with `shard`, holding only that device's attention heads (one image split across GPUs, split.py).
-    Plain arguments: split.py hands them to its helper processes as JSON."""
-    if matmul not in MATMUL_MODES:
-        raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
+def load_network(net_config: dict, weights: str, device: torch.device, shard: HeadShard | None = None, *,
+                 dtype: str) -> PiDNet:
+    """The checkpoint's network on `device` in `dtype` (a torch dtype's name), its plain arithmetic; with `shard`,
+    holding only that device's attention heads (one image split across GPUs, split.py)."""
     with torch.device("meta"):
         net = PiDNet(PiDConfig.from_dict(net_config))
     load_weights(net, weights)  # adopts the file's tensors: no random init, no second copy
     net = net.to_inference_dtype(getattr(torch, dtype))
     if shard is not None:
         net.split_heads(shard)  # before the move: the other devices' rows never reach this one
-    net = net.to(device).eval().requires_grad_(False)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def build_network(net_config: dict, weights: str, device: torch.device, shard: HeadShard | None = None, *,
+                  dtype: str, attention: str, matmul: str, compile: bool) -> PiDNet:
+    """`load_network`, then deployed in the given arithmetic, compiled or not (model/inference.py). Plain
+    arguments: split.py hands them to its helper processes as JSON."""
+    check_matmul(matmul)
+    net = load_network(net_config, weights, device, shard, dtype=dtype)
     if compile:
         persist_compile_caches()
     return inference.deploy(net, attention=attention, matmul=matmul, compile=compile,
                             cuda_graphs=device.type == "cuda" and shard is None)
+
+
+def check_matmul(matmul: str) -> None:
+    if matmul not in MATMUL_MODES:
+        raise ValueError(f"matmul mode {matmul!r}: expected one of {', '.join(MATMUL_MODES)}")
+
+
+@dataclass(frozen=True)
+class ExactCheck:
+    """An 8-bit decode held against the exact path: the first image of an output size decoded both ways, compared
+    in 8-bit levels. Below `threshold_db` the decoder falls back to the exact path for that size."""
+
+    psnr_db: float  # inf when the two images are identical
+    max_delta: int  # largest difference in 8-bit levels
+    threshold_db: float
+
+    @property
+    def passed(self) -> bool:
+        return self.psnr_db >= self.threshold_db
+
+    def describe(self) -> str:
+        psnr = "identical" if math.isinf(self.psnr_db) else f"PSNR {self.psnr_db:.1f} dB"
+        verdict = "ok" if self.passed else f"below {self.threshold_db:g} dB: exact path from here on for this size"
+        return f"{psnr}, max {self.max_delta} levels against the exact path ({verdict})"
+
+    def record(self) -> dict:
+        """JSON-ready (no Infinity: identical images have psnr_db null and max_delta 0)."""
+        finite = not math.isinf(self.psnr_db)
+        return {"psnr_db": round(self.psnr_db, 2) if finite else None, "max_delta": self.max_delta,
+                "threshold_db": self.threshold_db, "fallback": not self.passed}
+
+
+def compare_levels(image: Tensor, exact: Tensor, threshold_db: float) -> ExactCheck:
+    """Two decodes [3, H, W] in [-1, 1] compared as the 8-bit PNG levels they would be written as."""
+    a, b = (to_uint(x[None], 8)[0].astype(np.int32) for x in (image, exact))  # [H, W, 3] levels
+    delta = np.abs(a - b)
+    mse = float(np.mean(delta.astype(np.float64) ** 2))
+    psnr = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+    return ExactCheck(psnr, int(delta.max()), threshold_db)
 
 
 class Decoder:
@@ -115,12 +162,19 @@ class Decoder:
     split.py): each image takes less time, at the cost of the GPUs' total throughput (the rest of the network
     runs on each of them, and the step is not replayed from a CUDA graph). `close()`, or leaving the decoder's
     `with` block, stops the helpers (the end of the process does too).
+
+    With an 8-bit mode (`attention="8bit"`, `matmul="fp8"`), the first image of each output size is decoded a
+    second time on the exact path (an eager network sharing the weights; the bf16 copies of the FP8-converted
+    weights are kept for it) and compared in 8-bit levels: `checks` holds the result per size, `last_check`
+    that of the latest `decode_tensor` call (None when it checked nothing). Below `check_psnr` dB that size
+    decodes on the exact path from then on, the failing batch included. `check_psnr=None` turns the check off;
+    a split decoder (`helper_devices`) does not check.
     """
 
     def __init__(self, entry: Entry, weights: str | Path, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, text_encoder: str | Path | None = None,
                  compile: bool | None = None, attention: str = "bf16", matmul: str = "bf16",
-                 helper_devices: Sequence[str | torch.device] = ()):
+                 helper_devices: Sequence[str | torch.device] = (), check_psnr: float | None = CHECK_PSNR_DB):
         self.entry = entry
         self.weights = Path(weights)
         self.device = resolve_device(device)
@@ -136,16 +190,34 @@ class Decoder:
                                   dtype=str(self.dtype).removeprefix("torch."), attention=attention, matmul=matmul,
                                   compile=self.compiled)
         self._helpers: HelperGroup | None = None
+        self.exact_net: PiDNet | None = None  # the 8-bit check's exact path
+        self.check_psnr = check_psnr if (attention, matmul) != ("bf16", "bf16") and not helper_devices else None
+        self.checks: dict[tuple[int, int], ExactCheck] = {}
+        self.last_check: ExactCheck | None = None
         if helper_devices:
             devices = [self.device, *(resolve_device(d) for d in helper_devices)]
             check_split(devices, entry.net_config)
             self._helpers = HelperGroup(devices, build)
         try:  # a group that fails to form, or a network that fails to build, leaves no helper behind
-            self.net = build(self.device, self._helpers.start() if self._helpers else None)
+            if self.check_psnr is None:
+                self.net = build(self.device, self._helpers.start() if self._helpers else None)
+            else:
+                self.net, self.exact_net = self._build_checked(attention, matmul)
         except BaseException:
             self.close()
             raise
         self._warm_shapes: set[tuple[int, ...]] = set()
+
+    def _build_checked(self, attention: str, matmul: str) -> tuple[PiDNet, PiDNet]:
+        """(the 8-bit network, the exact one): one set of weights, two sets of modules (inference.twin)."""
+        check_matmul(matmul)
+        exact = inference.deploy(load_network(self.entry.net_config, str(self.weights), self.device,
+                                              dtype=str(self.dtype).removeprefix("torch.")))
+        if self.compiled:
+            persist_compile_caches()
+        net = inference.deploy(inference.twin(exact), attention=attention, matmul=matmul, compile=self.compiled,
+                               cuda_graphs=self.device.type == "cuda")
+        return net, exact
 
     @property
     def runtime(self) -> str:
@@ -221,11 +293,15 @@ class Decoder:
             seed_list, sigmas = seed_list + seed_list[-1:] * (pad_to - b), sigmas + sigmas[-1:] * (pad_to - b)
         dev = self.device
         lq = latents.to(torch.bfloat16).float().to(dev)  # upstream hands PiD the bf16-rounded latent
-        generators = [torch.Generator(device=dev).manual_seed(int(s)) for s in seed_list]
-        noise = draw_noise((len(seed_list), 3, *self.output_size((h, w))), generators, dev)
         sigma = torch.tensor(sigmas, dtype=torch.float32, device=dev)
         y = text.to(dev, torch.float32)
         t_list = schedule(steps, self.entry.sampler.t_list)
+        size = self.output_size((h, w))
+        self.last_check = None
+        check = self.checks.get(size)
+        if check is not None and not check.passed:  # this size fell back to the exact path
+            with fast_attention():
+                return self._sample(self.exact_net, seed_list, y, lq, sigma, t_list)[:b]
         if not self.compiled:
             gate = contextlib.nullcontext()
         elif tuple(latents.shape) in self._warm_shapes:
@@ -234,12 +310,28 @@ class Decoder:
             gate = _GATE.compiling()
         with gate, fast_attention():
             if self._helpers is None:
-                images = sample(self.net, noise, y, lq, sigma, t_list=t_list, generator=generators)
+                images = self._sample(self.net, seed_list, y, lq, sigma, t_list)
             else:  # the same draws as sample() would take, in its order, drawn up front to send them
+                generators = [torch.Generator(device=dev).manual_seed(int(s)) for s in seed_list]
+                noise = draw_noise((len(seed_list), 3, *size), generators, dev)
                 eps = [draw_noise(noise.shape, generators, dev) for _ in t_list[1:-1]]
                 images = self._split_sample(DecodeInputs(noise, eps, y, lq, sigma, t_list))
         self._warm_shapes.add(tuple(latents.shape))
+        if self.exact_net is not None and check is None:
+            with fast_attention():
+                exact = self._sample(self.exact_net, seed_list[:1], y[:1], lq[:1], sigma[:1], t_list)
+            self.checks[size] = self.last_check = check = compare_levels(images[0], exact[0], self.check_psnr)
+            if not check.passed:
+                with fast_attention():
+                    images = self._sample(self.exact_net, seed_list, y, lq, sigma, t_list)
         return images[:b]  # [b, 3, H, W]: without the copies
+
+    def _sample(self, net: PiDNet, seeds: list[int], y: Tensor, lq: Tensor, sigma: Tensor,
+                t_list: Sequence[float]) -> Tensor:
+        """`sample` with each item's noise drawn from a generator of its own seed (so a decode can be repeated)."""
+        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        noise = draw_noise((len(seeds), 3, *self.output_size(lq.shape[-2:])), generators, self.device)
+        return sample(net, noise, y, lq, sigma, t_list=t_list, generator=generators)
 
     def _split_sample(self, inputs: DecodeInputs) -> Tensor:
         helpers = self._helpers

@@ -304,15 +304,16 @@ def test_sigint_leaves_only_complete_pngs_and_rerun_finishes(setup):
 def test_fp8_matmuls_decode_and_are_recorded(setup, monkeypatch):
     """`--matmul fp8` end to end. The CLI refuses it on a CPU (no speed there), so the device check is lifted:
     torch._scaled_mm's CPU kernel does the same arithmetic."""
-    from pid_cli.model import PiDNet
+    from pid_cli.model import inference
 
     s = setup
     save_file({"x": _latent(s, 16, 2, 2)}, s["inputs"] / "a.safetensors")
     assert _run(_args(s, "--dtype", "bf16"))[0].exit_code == 0
     reference = _pixels(s["out"] / "a.png").astype(int)
-    monkeypatch.setattr(PiDNet, "_require_8bit_tensor_cores", lambda self, flag: None)
+    monkeypatch.setattr(inference, "require_8bit_tensor_cores", lambda net, flag: None)
     out = s["out"].parent / "fp8"
-    result, _ = _run([*_args(s, "--dtype", "bf16"), "--out", str(out), "--matmul", "fp8"])
+    # the 8-bit check off: this tiny network moves more under FP8 than its 40 dB (tests/test_exact_check.py)
+    result, _ = _run([*_args(s, "--dtype", "bf16"), "--out", str(out), "--matmul", "fp8", "--check-psnr", "0"])
     assert result.exit_code == 0, result.output
     assert Image.open(out / "a.png").info["pid:matmul"] == "fp8"
     assert "pid:matmul" not in Image.open(s["out"] / "a.png").info

@@ -71,7 +71,7 @@ def test_a_bad_registry_key_is_a_configuration_error_naming_the_entry_and_the_ke
     entry = load_registry([reg]).get("tiny-flux")
     job = types.SimpleNamespace(entry=entry, weights=PARITY / "v1_flux" / "model_fp32.safetensors",
                                 devices=[torch.device("cpu")], dtype="fp32", text_encoder=None, attention="bf16",
-                                matmul="bf16")
+                                matmul="bf16", check_psnr=None)
     with pytest.raises(ValueError, match=r"registry entry tiny-flux \(.*registry.yaml\): net_config: unknown "
                                          r"configuration field\(s\): hiden_size"):
         _load_decoder(job, compile=False)

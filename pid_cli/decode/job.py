@@ -59,6 +59,7 @@ class DecodeJob:
     dtype: str | None = None
     attention: str = "bf16"
     matmul: str = "bf16"
+    check_psnr: float | None = 40.0  # 8-bit modes: the exact-path check's threshold (pipeline.Decoder); None: off
     compile: str = "auto"  # on, off, or auto: only when the run is long enough to win back compilation
     bit_depth: int = 8
     metadata: bool = True

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from pid_cli.inputs.latent_files import (
 from pid_cli.model import layers
 from pid_cli.registry import Entry
 
+if TYPE_CHECKING:
+    from pid_cli.pipeline import ExactCheck
+
 
 @dataclass
 class Item:
@@ -46,6 +49,8 @@ class Item:
     plan: ImagePlan | None = None  # image inputs: how the file becomes encoder input
     provenance: dict[str, str] = field(default_factory=dict)  # a ComfyUI latent's graph, copied into the PNG
     runtime: str = ""  # set when decoded: `Decoder.runtime` and the batch size (what its exact pixels depend on)
+    check: ExactCheck | None = None  # set when decoded: this image was the one checked against the exact path
+    exact_fallback: bool = False  # set when decoded: 8-bit modes asked for, its size decoded on the exact path
 
 
 @dataclass

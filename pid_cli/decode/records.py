@@ -43,11 +43,17 @@ class Records:
         self.lost = 0  # records that could not be written (disk full): the run must not exit 0
 
     def emit(self, spec: InputSpec, status: str, outputs: list[Path], seconds: float, error: str | None,
-             warnings: list[str] | None = None, sigmas: list[float] | None = None) -> None:
-        """`sigmas`: the degrade σ of each output (an image's σ sweep gives one output per σ)."""
-        self.add({"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
+             warnings: list[str] | None = None, sigmas: list[float] | None = None,
+             checks: list[dict] | None = None) -> None:
+        """`sigmas`: the degrade σ of each output (an image's σ sweep gives one output per σ). `checks`: its images
+        held against the exact path by the 8-bit check (pipeline.ExactCheck.record), a key only where there are
+        some."""
+        record = {"input": str(spec.path), "status": status, "outputs": [str(p) for p in outputs],
                   "sigmas": list(sigmas or []) if outputs else [], "seconds": round(seconds, 3), "error": error,
-                  "warnings": list(warnings or [])})
+                  "warnings": list(warnings or [])}
+        if checks:
+            record["exact_check"] = list(checks)
+        self.add(record)
 
     def add(self, record: dict[str, Any]) -> None:
         with self.lock:

@@ -68,7 +68,7 @@ from pid_cli.outputs import (
     to_uint,
     write_atomic,
 )
-from pid_cli.pipeline import Decoder
+from pid_cli.pipeline import Decoder, ExactCheck
 
 if TYPE_CHECKING:
     from pid_cli.vae import LatentCodec
@@ -84,6 +84,7 @@ class InputState:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     sigmas: list[float] = field(default_factory=list)  # the σ of each output
+    checks: list[dict] = field(default_factory=list)  # its images held against the exact path (8-bit modes)
 
 
 def run_here(job: DecodeJob, report: Report | None = None, stop: threading.Event | None = None) -> int:
@@ -456,8 +457,12 @@ class Session:
         images = decoder.decode_tensor(trained, text, sigmas, [i.seed for i in batch], job.steps,
                                        pad_to=runs_as)  # [B, 3, H, W], [-1, 1]
         runtime = f"{decoder.runtime}, batch {runs_as}"  # another batch size may move a pixel by a level (README)
+        size_check = decoder.checks.get(tuple(images.shape[-2:]))
         for item in batch:
             item.runtime = runtime
+            item.exact_fallback = size_check is not None and not size_check.passed
+        if decoder.last_check is not None:
+            self._checked(batch[0], decoder.last_check, tuple(images.shape[-2:]))
         if not self.baselines:
             pixels = HostPixels(images, job.bit_depth)  # no wait for the GPU: the next batch queues behind
             return [_Pending(pixels, i) for i in range(len(batch))]
@@ -466,6 +471,17 @@ class Session:
         images = images.float().cpu()
         return _mask([Baseline(pid, ref, src.float() if item.plan is not None else None)
                       for item, pid, ref, src in zip(batch, images, vae, sources, strict=True)], blank)
+
+    def _checked(self, item: Item, check: ExactCheck, size: tuple[int, int]) -> None:
+        """Say what the 8-bit check found, on stderr and in the checked image's record and PNG."""
+        item.check = check
+        (self.job.note if check.passed else self.job.warn)(f"8-bit check at {size[1]}x{size[0]} ({item.output.name}): "
+                                                           f"{check.describe()}")
+        with self.lock:
+            state = self.states[item.spec]
+            state.checks.append({"output": str(item.output), **check.record()})
+            if not check.passed:
+                state.warnings.append(f"{item.output.name}: 8-bit check {check.describe()}")
 
     def _latents(self, decoder: Decoder, codec: _DeviceCodec, batch: list[Item], sources: list[Tensor]) -> Tensor:
         """[B, C, h, w] float32 on the decoder's device. Image items are VAE-encoded here, on the worker's
@@ -554,7 +570,7 @@ class Session:
         if done:
             failed = state.error is not None
             self.records.emit(state.spec, "failed" if failed else "ok", [] if failed else state.outputs,
-                              time.time() - state.started, state.error, state.warnings, state.sigmas)
+                              time.time() - state.started, state.error, state.warnings, state.sigmas, state.checks)
             if failed and self.job.fail_fast:
                 self.failed_fast.set()
 
@@ -614,7 +630,8 @@ class _DeviceCodec:
 def _load_decoder(job: DecodeJob, compile: bool | None) -> Decoder:
     try:
         return Decoder(job.entry, job.weights, device=job.devices[0], dtype=job.dtype, text_encoder=job.text_encoder,
-                       attention=job.attention, matmul=job.matmul, compile=compile, helper_devices=job.devices[1:])
+                       attention=job.attention, matmul=job.matmul, compile=compile, helper_devices=job.devices[1:],
+                       check_psnr=job.check_psnr)
     except TypeError as e:  # a registry net_config the network does not take: a configuration error
         raise ValueError(f"registry entry {job.entry.id} ({job.entry.source}): net_config: {e}") from e
 
@@ -632,10 +649,16 @@ def _png_text(job: DecodeJob, item: Item) -> dict[str, str]:
         text["pid:preprocess"] = item.plan.note
     if item.runtime:
         text["pid:runtime"] = item.runtime
-    if job.attention != "bf16":
-        text["pid:attention"] = job.attention
-    if job.matmul != "bf16":
-        text["pid:matmul"] = job.matmul
+    if item.exact_fallback:
+        text["pid:8bit_fallback"] = (f"--attention {job.attention} --matmul {job.matmul} asked for; decoded on the "
+                                     "exact path, the 8-bit check at this size having failed")
+    else:
+        if job.attention != "bf16":
+            text["pid:attention"] = job.attention
+        if job.matmul != "bf16":
+            text["pid:matmul"] = job.matmul
+    if item.check is not None:
+        text["pid:8bit_check"] = item.check.describe()
     if job.color_fix != "none":
         text["pid:color_fix"] = f"{job.color_fix} (reference: {job.entry.backbone} VAE decode)"
     return text
