@@ -78,6 +78,7 @@ def test_levels_comparison_reports_psnr_and_largest_step():
                                                    "fallback": False}  # JSON has no Infinity
 
 
+@pytest.mark.slow  # ~10 s: six decodes through the 8-bit attention's torch reference
 def test_8bit_attention_is_checked_once_per_size_and_kept_when_close(tmp_path, on_cpu):
     dec = attention8_decoder(tmp_path, attention="8bit")
     exact = attention8_decoder(tmp_path)  # the same weights, no 8-bit mode
