@@ -299,9 +299,10 @@ class Decoder:
         size = self.output_size((h, w))
         self.last_check = None
         check = self.checks.get(size)
+        unpadded = (seed_list[:b], y[:b], lq[:b], sigma[:b], t_list)  # the eager exact path needs no padding
         if check is not None and not check.passed:  # this size fell back to the exact path
             with fast_attention():
-                return self._sample(self.exact_net, seed_list, y, lq, sigma, t_list)[:b]
+                return self._sample(self.exact_net, *unpadded)
         if not self.compiled:
             gate = contextlib.nullcontext()
         elif tuple(latents.shape) in self._warm_shapes:
@@ -318,13 +319,17 @@ class Decoder:
                 images = self._split_sample(DecodeInputs(noise, eps, y, lq, sigma, t_list))
         self._warm_shapes.add(tuple(latents.shape))
         if self.exact_net is not None and check is None:
-            with fast_attention():
-                exact = self._sample(self.exact_net, seed_list[:1], y[:1], lq[:1], sigma[:1], t_list)
-            self.checks[size] = self.last_check = check = compare_levels(images[0], exact[0], self.check_psnr)
-            if not check.passed:
-                with fast_attention():
-                    images = self._sample(self.exact_net, seed_list, y, lq, sigma, t_list)
+            images = self._check_size(size, images[:b], unpadded)
         return images[:b]  # [b, 3, H, W]: without the copies
+
+    def _check_size(self, size: tuple[int, int], images: Tensor, unpadded: tuple) -> Tensor:
+        """The 8-bit check of an output size's first batch: its first image decoded again on the exact path. Returns
+        the batch's images, decoded again on the exact path if the check failed."""
+        seeds, y, lq, sigma, t_list = unpadded
+        with fast_attention():
+            exact = self._sample(self.exact_net, seeds[:1], y[:1], lq[:1], sigma[:1], t_list)
+            self.checks[size] = self.last_check = check = compare_levels(images[0], exact[0], self.check_psnr)
+            return images if check.passed else self._sample(self.exact_net, *unpadded)
 
     def _sample(self, net: PiDNet, seeds: list[int], y: Tensor, lq: Tensor, sigma: Tensor,
                 t_list: Sequence[float]) -> Tensor:
