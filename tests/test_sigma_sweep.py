@@ -162,6 +162,24 @@ def test_a_sweep_writes_one_png_per_sigma_each_equal_to_a_single_sigma_run(tiny)
     assert not np.array_equal(_pixels(out / names[0]), _pixels(out / names[2]))  # σ changes the image
 
 
+def test_a_sweep_split_across_batches_encodes_each_image_once(tiny, monkeypatch):
+    """More σ than the batch size: the sweep's items fall into three batches, which reuse the first one's encode
+    (the same clean latent for every σ, as upstream's one encode per image), and write the one-batch sweep's PNGs."""
+    from pid_cli.vae.base import LatentCodec
+
+    (tiny["in"] / "second.png").write_bytes((tiny["in"] / "photo.png").read_bytes())
+    assert _decode(tiny, "--degrade-sigma", "0,0.3,0.6")[0].exit_code == 0  # batches of three: one per image
+    encoded = []
+    real = LatentCodec.encode
+    monkeypatch.setattr(LatentCodec, "encode", lambda self, images: encoded.append(len(images)) or real(self, images))
+    split = tiny["root"] / "split"
+    result, _ = _decode(tiny, "--degrade-sigma", "0,0.3,0.6", "--batch-size", "1", out=split)
+    assert result.exit_code == 0, result.output
+    assert encoded == [1, 1]  # six batches, one encode per image
+    for name in ("photo_sigma0.png", "photo_sigma0.3.png", "photo_sigma0.6.png", "second_sigma0.6.png"):
+        assert np.array_equal(_pixels(split / name), _pixels(tiny["out"] / name)), name
+
+
 def test_each_sigma_is_its_own_output_for_skip_and_resume(tiny):
     assert _decode(tiny, "--degrade-sigma", "0.2,0.5")[0].exit_code == 0
     lost = tiny["out"] / "photo_sigma0.5.png"

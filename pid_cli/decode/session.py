@@ -9,6 +9,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ from pid_cli.pipeline import Decoder, ExactCheck
 
 if TYPE_CHECKING:
     from pid_cli.vae import LatentCodec
+
+CLEAN_LATENTS_KEPT = 8  # images whose encoder latent a later batch may reuse (a few MB each at 4K)
+
 
 @dataclass
 class InputState:
@@ -145,6 +149,9 @@ class Session:
         self.claimed_as: dict[str, Path] = {}  # output identity → the name it was first claimed by
         self.case_insensitive: bool | None = None  # the output folder's file system, probed on first use
         self.name_max: int | None = None
+        # the latest images' clean latents (on the decode device): a σ sweep whose items fall into several batches
+        # encodes each image once (items of one image are planned next to each other)
+        self.clean_latents: OrderedDict[InputSpec, Tensor] = OrderedDict()
 
     def fail(self, spec: InputSpec, error: str, warnings: list[str] | None = None) -> None:
         self.records.emit(spec, "failed", [], 0.0, error, warnings)
@@ -491,13 +498,17 @@ class Session:
         latents: list[Tensor | None] = [None if item.plan is not None else src.to(decoder.device, torch.float32)
                                         for item, src in zip(batch, sources, strict=True)]
         picks = [i for i, z in enumerate(latents) if z is None]
-        first = {batch[i].spec: i for i in reversed(picks)}  # one encode per image
-        clean: dict[InputSpec, Tensor] = {}
+        clean = {batch[i].spec: self.clean_latents[batch[i].spec] for i in picks
+                 if batch[i].spec in self.clean_latents}  # encoded for an earlier batch
+        first = {batch[i].spec: i for i in reversed(picks) if batch[i].spec not in clean}  # one encode per image
         for size in dict.fromkeys(sources[i].shape for i in first.values()):  # RAE's fixed grid: several sizes
             group = [i for i in first.values() if sources[i].shape == size]
             encoded = codec.get().encode(torch.stack([sources[i] for i in group])).float()  # [n, C, h, w]
             for i, z in zip(group, encoded.to(decoder.device), strict=True):
                 clean[batch[i].spec] = z
+        self.clean_latents.update(clean)
+        while len(self.clean_latents) > CLEAN_LATENTS_KEPT:
+            self.clean_latents.popitem(last=False)
         frame = self.job.entry.latent.sigma_frame
         for i in picks:
             item = batch[i]
