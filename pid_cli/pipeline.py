@@ -97,7 +97,7 @@ def load_network(net_config: dict, weights: str, device: torch.device, shard: He
     load_weights(net, weights)  # adopts the file's tensors: no random init, no second copy
     net = net.to_inference_dtype(getattr(torch, dtype))
     if shard is not None:
-        net.split_heads(shard)  # before the move: the other devices' rows never reach this one
+        inference.split_heads(net, shard)  # before the move: the other devices' rows never reach this one
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -344,7 +344,7 @@ class Decoder:
             helpers.close(stop_helpers=False)
         try:
             if not helpers.started:  # that, or a failed decode, ended the group
-                self.net.split_heads_group(helpers.start())
+                inference.regroup_heads(self.net, helpers.start())
             helpers.send(inputs)
             images = sample(self.net, inputs.noise, inputs.text, inputs.latent, inputs.sigma, t_list=inputs.t_list,
                             eps=inputs.eps)

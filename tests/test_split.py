@@ -28,7 +28,7 @@ from pid_cli import pipeline
 from pid_cli.decode import DecodeJob
 from pid_cli.decode import job as decode_job
 from pid_cli.decode.workers import worker_jobs
-from pid_cli.model import PiDConfig, PiDNet, load_weights
+from pid_cli.model import PiDConfig, PiDNet, inference, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.registry import load_registry
 
@@ -68,12 +68,12 @@ def test_a_shard_keeps_the_qkv_rows_of_its_heads_only(entry):
     with torch.device("meta"):
         half = PiDNet(PiDConfig.from_dict(entry.net_config))
     load_weights(half, entry.weights.path)
-    half.split_heads(HeadShard(rank=1, world=2, group="unused"))
+    inference.split_heads(half, HeadShard(rank=1, world=2, group="unused"))
     kept = half.patch_blocks[0].attn
     assert kept.heads == 1 and torch.equal(kept.qkv_x.weight, rows[:, 1:].flatten(0, 2))
     assert half.pixel_blocks[0].attn.qkv.weight.shape[0] == whole.pixel_blocks[0].attn.qkv.weight.shape[0] // 2
     with pytest.raises(ValueError, match="2 heads"):
-        whole.split_heads(HeadShard(rank=0, world=4, group="unused"))
+        inference.split_heads(whole, HeadShard(rank=0, world=4, group="unused"))
 
 
 def test_an_image_split_across_two_devices_is_the_one_device_image(entry):

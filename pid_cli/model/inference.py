@@ -16,8 +16,9 @@ import itertools
 import torch
 from torch import nn
 
-from pid_cli.model import attention8, inductor, layers, linear8
+from pid_cli.model import attention8, heads, inductor, layers, linear8
 from pid_cli.model.graphs import StepGraphs
+from pid_cli.model.heads import HeadShard
 from pid_cli.model.net import JointAttention, MMDiTBlock, PiDNet, PiTBlock, PixelAttention
 from pid_cli.model.pixel_modulation import PixelModulation, SplitPixelModulation
 
@@ -122,6 +123,27 @@ def compile_blocks(net: PiDNet, **options) -> PiDNet:
 
 def attentions(net: nn.Module) -> list[JointAttention | PixelAttention]:
     return [m for m in net.modules() if isinstance(m, (JointAttention, PixelAttention))]
+
+
+def split_heads(net: PiDNet, shard: HeadShard) -> PiDNet:
+    """Keep this device's share of every attention's heads (model/heads.py: the rows of each q/k/v projection
+    that make them); before the FP8 conversion. Its decodes then need the group's other devices running the same
+    decode in step: each attention gathers the heads after it."""
+    modules = attentions(net)
+    heads.check_divides(shard.world, [m.heads for m in modules])
+    for module in modules:
+        for qkv in (module.qkv_x, module.qkv_y) if isinstance(module, JointAttention) else (module.qkv,):
+            heads.keep_heads(qkv, module.heads, shard)
+        module.heads //= shard.world
+        module.shard = shard
+    return net
+
+
+def regroup_heads(net: PiDNet, shard: HeadShard) -> None:
+    """Gather the heads through a new process group of the same devices (split.py restarts a failed one)."""
+    for module in attentions(net):
+        if module.shard != shard:
+            module.shard = shard  # an equal shard (the usual case) keeps the compiled code's guards
 
 
 def set_attention(net: nn.Module, mode: str) -> nn.Module:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pid_cli.kernels import ops as _ops  # noqa: F401  (registers torch.ops.pid.*)
-from pid_cli.model import heads, layers
+from pid_cli.model import layers
 from pid_cli.model.config import GATE_PER_DIM, PiDConfig
 from pid_cli.model.heads import HeadShard, gather_heads
 from pid_cli.model.layers import (
@@ -68,13 +68,7 @@ class JointAttention(nn.Module):
         self.q_norm_y, self.k_norm_y = RMSNorm(head_dim), RMSNorm(head_dim)
         self.proj_x = Linear(dim, dim)
         self.proj_y = Linear(dim, dim)
-        self.shard: HeadShard | None = None  # this device's heads when one image is split across GPUs
-
-    def keep_heads(self, shard: HeadShard) -> None:
-        for qkv in (self.qkv_x, self.qkv_y):
-            heads.keep_heads(qkv, self.heads, shard)
-        self.heads //= shard.world
-        self.shard = shard
+        self.shard: HeadShard | None = None  # this device's heads when one image is split across GPUs (heads.py)
 
     def _qkv(self, proj: Linear, q_norm: RMSNorm, k_norm: RMSNorm, x: Tensor, rope: Rope):
         q, k, v = proj(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, N, heads, head_dim]
@@ -143,11 +137,6 @@ class PixelAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = Linear(dim, dim)
         self.shard: HeadShard | None = None  # as JointAttention's
-
-    def keep_heads(self, shard: HeadShard) -> None:
-        heads.keep_heads(self.qkv, self.heads, shard)
-        self.heads //= shard.world
-        self.shard = shard
 
     def forward(self, x: Tensor, rope: Rope) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # each [B, L, heads, head_dim]
@@ -273,21 +262,6 @@ class PiDNet(nn.Module):
         the rest of it: that is the network's build's job)."""
         heads_config = {k: net_config[k] for k in ("num_groups", "pixel_num_groups") if k in net_config}
         return PiDConfig(**heads_config).attention_heads
-
-    def split_heads(self, shard: HeadShard) -> PiDNet:
-        """Keep this device's share of every attention's heads (model/heads.py); call before the FP8
-        conversion. Its decodes then need the group's other devices running the same decode in step."""
-        attentions = [m for m in self.modules() if isinstance(m, (JointAttention, PixelAttention))]
-        heads.check_divides(shard.world, [m.heads for m in attentions])
-        for module in attentions:
-            module.keep_heads(shard)
-        return self
-
-    def split_heads_group(self, shard: HeadShard) -> None:
-        """Gather the heads through a new process group of the same devices (split.py restarts a failed one)."""
-        for module in self.modules():
-            if isinstance(module, (JointAttention, PixelAttention)) and module.shard != shard:
-                module.shard = shard  # an equal shard (the usual case) keeps the compiled code's guards
 
     def to_inference_dtype(self, dtype: torch.dtype) -> PiDNet:
         """Cast matmul/conv weights to `dtype`; keep norms, gates' log_alpha and the text
