@@ -219,15 +219,17 @@ class Decoder:
                                cuda_graphs=self.device.type == "cuda")
         return net, exact
 
-    @property
-    def runtime(self) -> str:
+    def runtime(self, size: tuple[int, int] | None = None) -> str:
         """What a decode's exact pixels depend on besides its inputs and settings: the torch, the GPU model, the
         weights' dtype and whether the network is compiled (eager and compiled code round differently; compiled
-        pixels repeat across processes, inductor.py). `pid decode` writes it, with the batch size, into each PNG."""
+        pixels repeat across processes, inductor.py); for an output `size` the 8-bit check sent to the exact path,
+        eager. `pid decode` writes it, with the batch size, into each PNG."""
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         split = f" x{len(self._helpers.devices)}" if self._helpers else ""
+        check = self.checks.get(size)
+        compiled = self.compiled and (check is None or check.passed)
         return (f"torch {torch.__version__}, {name}{split}, {str(self.dtype).removeprefix('torch.')}, "
-                f"{'compiled' if self.compiled else 'eager'}")
+                f"{'compiled' if compiled else 'eager'}")
 
     def close(self) -> None:
         """Stop the helper processes of a split decoder (nothing to do otherwise)."""

@@ -26,6 +26,7 @@ from pid_cli.inputs.latent_files import (
     LATENT_SUFFIXES,
 )
 from pid_cli.outputs import check_writable
+from pid_cli.pipeline import CHECK_PSNR_DB
 from pid_cli.registry import Entry
 from pid_cli.split import check_split
 
@@ -59,7 +60,7 @@ class DecodeJob:
     dtype: str | None = None
     attention: str = "bf16"
     matmul: str = "bf16"
-    check_psnr: float | None = 40.0  # 8-bit modes: the exact-path check's threshold (pipeline.Decoder); None: off
+    check_psnr: float | None = CHECK_PSNR_DB  # 8-bit modes: the threshold of pipeline.Decoder's check; None: off
     compile: str = "auto"  # on, off, or auto: only when the run is long enough to win back compilation
     bit_depth: int = 8
     metadata: bool = True

@@ -48,7 +48,7 @@ class Item:
     prompt: str = ""
     plan: ImagePlan | None = None  # image inputs: how the file becomes encoder input
     provenance: dict[str, str] = field(default_factory=dict)  # a ComfyUI latent's graph, copied into the PNG
-    runtime: str = ""  # set when decoded: `Decoder.runtime` and the batch size (what its exact pixels depend on)
+    runtime: str = ""  # set when decoded: `Decoder.runtime()` and the batch size (what its exact pixels depend on)
     check: ExactCheck | None = None  # set when decoded: this image was the one checked against the exact path
     exact_fallback: bool = False  # set when decoded: 8-bit modes asked for, its size decoded on the exact path
 

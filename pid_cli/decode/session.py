@@ -463,13 +463,14 @@ class Session:
         text = torch.stack([self.text[item.prompt] for item in batch])
         images = decoder.decode_tensor(trained, text, sigmas, [i.seed for i in batch], job.steps,
                                        pad_to=runs_as)  # [B, 3, H, W], [-1, 1]
-        runtime = f"{decoder.runtime}, batch {runs_as}"  # another batch size may move a pixel by a level (README)
-        size_check = decoder.checks.get(tuple(images.shape[-2:]))
+        size = tuple(images.shape[-2:])
+        runtime = f"{decoder.runtime(size)}, batch {runs_as}"  # another batch size may move a pixel by a level (README)
+        size_check = decoder.checks.get(size)
         for item in batch:
             item.runtime = runtime
             item.exact_fallback = size_check is not None and not size_check.passed
         if decoder.last_check is not None:
-            self._checked(batch[0], decoder.last_check, tuple(images.shape[-2:]))
+            self._checked(batch[0], decoder.last_check, size)
         if not self.baselines:
             pixels = HostPixels(images, job.bit_depth)  # no wait for the GPU: the next batch queues behind
             return [_Pending(pixels, i) for i in range(len(batch))]
