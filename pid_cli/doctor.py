@@ -51,6 +51,7 @@ def full_size_network(entry, device: torch.device):
     depend on the values; the 8-bit check's error does). Returns (network, what its weights are)."""
     from pid_cli import hub
     from pid_cli.model import PiDConfig, PiDNet
+    from pid_cli.model.weights import fill_random
     from pid_cli.pipeline import load_network
 
     try:
@@ -60,9 +61,7 @@ def full_size_network(entry, device: torch.device):
         pass
     with torch.device("meta"):
         net = PiDNet(PiDConfig.from_dict(entry.net_config))
-    net = net.to_empty(device=device).eval().requires_grad_(False)
-    for name, p in net.named_parameters():
-        p.data.fill_(1.0) if "norm" in name or p.dim() == 0 else p.data.normal_(0, 0.02)
+    net = fill_random(net.to_empty(device=device).eval().requires_grad_(False))
     return net.to_inference_dtype(torch.bfloat16), "random weights"
 
 

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import math
 import os
 import re
 import secrets
@@ -42,6 +43,13 @@ def to_uint(images: Tensor, bit_depth: int = 8) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] uint8/uint16, rounded to nearest (upstream's
     demos truncate, which darkens every pixel by half a level on average)."""
     return _png_levels(_device_levels(images, bit_depth).cpu().numpy())
+
+
+def level_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+    """Two images as 8-bit levels (`to_uint`) → (PSNR in dB, inf when identical; |a − b| per value)."""
+    delta = np.abs(a.astype(np.int32) - b.astype(np.int32))
+    mse = float(np.mean(delta.astype(np.float64) ** 2))
+    return (math.inf if mse == 0 else 10 * math.log10(255**2 / mse)), delta
 
 
 def finite_items(images: Tensor) -> Tensor:

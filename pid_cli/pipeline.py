@@ -26,7 +26,7 @@ from pid_cli.model import PiDConfig, PiDNet, inference, layers, load_weights
 from pid_cli.model.heads import HeadShard
 from pid_cli.model.layers import fast_attention
 from pid_cli.model.linear8 import MATMUL_MODES
-from pid_cli.outputs import to_uint
+from pid_cli.outputs import level_difference, to_uint
 from pid_cli.registry import Entry
 from pid_cli.sampler import draw_noise, sample, schedule
 from pid_cli.split import DecodeInputs, HelperGroup, check_split
@@ -145,10 +145,7 @@ class ExactCheck:
 
 def compare_levels(image: Tensor, exact: Tensor, threshold_db: float) -> ExactCheck:
     """Two decodes [3, H, W] in [-1, 1] compared as the 8-bit PNG levels they would be written as."""
-    a, b = (to_uint(x[None], 8)[0].astype(np.int32) for x in (image, exact))  # [H, W, 3] levels
-    delta = np.abs(a - b)
-    mse = float(np.mean(delta.astype(np.float64) ** 2))
-    psnr = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+    psnr, delta = level_difference(*(to_uint(x[None], 8)[0] for x in (image, exact)))  # [H, W, 3] levels
     return ExactCheck(psnr, int(delta.max()), threshold_db)
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pid_cli.model import PiDConfig, PiDNet, inference
 from pid_cli.model.layers import RMSNorm, fast_attention
-from pid_cli.outputs import to_uint
+from pid_cli.outputs import level_difference, to_uint
 from pid_cli.registry import load_registry
 from pid_cli.sampler import draw_noise, sample, schedule
 
@@ -130,10 +130,8 @@ def decode(net: PiDNet, inputs, size: int, args, device: torch.device) -> np.nda
 
 
 def compare(image: np.ndarray, reference: np.ndarray) -> dict:
-    diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
-    mse = np.square(diff, dtype=np.int32).mean(dtype=np.float64)
-    return {"psnr_db": 10 * math.log10(255**2 / mse) if mse else math.inf, "max_diff": int(diff.max()),
-            "over2": float((diff > 2).mean())}
+    psnr, diff = level_difference(image, reference)
+    return {"psnr_db": psnr, "max_diff": int(diff.max()), "over2": float((diff > 2).mean())}
 
 
 def run_member(member: Member, config: PiDConfig, entry, args, device: torch.device, inputs: dict) -> dict:

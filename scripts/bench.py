@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pid_cli.model import PiDConfig, PiDNet, inference
 from pid_cli.model.layers import fast_attention
+from pid_cli.model.weights import fill_random
 from pid_cli.registry import load_registry
 from pid_cli.sampler import draw_noise, sample, schedule
 
@@ -62,15 +63,8 @@ class Uncached(torch.nn.Module):
 def build(entry, policy: str, device: torch.device) -> torch.nn.Module:
     with torch.device("meta"):
         net = PiDNet(PiDConfig.from_dict(entry.net_config))
-    net = net.to_empty(device=device).eval().requires_grad_(False)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, p in net.named_parameters():  # random but sane: unit norms, small matmul weights
-        if "norm" in name:
-            p.data.fill_(1.0)
-        elif p.dim() == 0:
-            p.data.fill_(1.6)
-        else:
-            p.data.normal_(0, 0.02, generator=gen)
+    net = fill_random(net.to_empty(device=device).eval().requires_grad_(False),
+                      generator=torch.Generator(device=device).manual_seed(0))
     if policy.startswith("upstream"):
         net.float()
         net.pixel_chunk = 1 << 30  # and the plain PiT modulation: the whole 6·C·P² output, as upstream computes it

@@ -163,3 +163,19 @@ def test_copy_of_fixture_dir_loads(tmp_path):
     shutil.copy(PARITY / "v15_flux" / "model_ema_bf16.pth", dst)
     net = load_weights(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), dst)
     assert _holds(net, read_state_dict(PARITY / "v15_flux" / "model_ema_bf16.pth"))
+
+
+def test_random_timing_weights_keep_norms_and_gates_sane():
+    """scripts/bench.py's and `pid doctor`'s stand-in weights: unit norms, the gates' log_alpha at 1.6, small
+    matmul weights, the same for the same generator."""
+    from pid_cli.model.weights import fill_random
+
+    nets = [fill_random(PiDNet(PiDConfig.from_dict(tiny_config("v15_flux"))), 0.05, torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    params = dict(nets[0].named_parameters())
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True))
+    assert all((p == 1).all() for n, p in params.items() if "norm" in n)
+    gates = [p for p in params.values() if p.dim() == 0]
+    assert gates and all(torch.equal(p, torch.tensor(1.6)) for p in gates)
+    weight = params["patch_blocks.0.attn.qkv_x.weight"]
+    assert abs(weight.std().item() - 0.05) < 0.01

@@ -125,3 +125,16 @@ def load_weights(net: nn.Module, path: str | Path) -> nn.Module:
     on_meta = any(p.is_meta for p in net.parameters())
     net.load_state_dict(state, strict=True, assign=on_meta)
     return net
+
+
+def fill_random(net: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
+    """Random but sane weights for timing without a checkpoint (speed does not depend on the values): norm weights
+    1, the latent gates' scalar log_alpha 1.6, everything else N(0, std)."""
+    for name, p in net.named_parameters():
+        if "norm" in name:
+            p.data.fill_(1.0)
+        elif p.dim() == 0:
+            p.data.fill_(1.6)
+        else:
+            p.data.normal_(0, std, generator=generator)
+    return net
